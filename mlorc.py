@@ -1,0 +1,870 @@
+"""
+MLorc: Momentum Low-rank Compression (arXiv 2506.01897), in one readable file.
+
+An Adam- or Lion-style optimizer keeps moments (m, and v for Adam) as large as the model itself. MLorc
+keeps the moment of every weight matrix W (m x n) as a rank-r factorization U diag(s) Vh instead, and
+recompresses it after every step with a randomized SVD. The weight update itself is not rank-limited
+(unlike LoRA), and the moment, not the gradient, is compressed (unlike GaLore).
+
+The moment cycle, run for each matrix at each step (labels are cited in the code below):
+
+    [M1] reconstruct   m~ = U_m diag(s_m) Vh_m,  v~ = U_v diag(s_v) Vh_v           (paper, Alg. 1)
+    [M2] repair v~     a low-rank v~ can dip below 0: entries < 0 become c, the mean of |v~_ij|
+                       over those entries (paper, Sec. 3; exactly what the authors' code does)
+    [M3] EMA           m_t = b1 m~ + (1 - b1) g,   v_t = b2 v~ + (1 - b2) g * g    (dense, exact)
+    [M4] recompress    (U, s, Vh) = rsvd(m_t, r), the same for v_t; only the factors are kept
+    [M5] bias-correct  m_hat = m_t / (1 - b1^t),  v_hat = v_t / (1 - b2^t)         (where the parent does)
+    [M6] direction     the parent optimizer's rule on the dense m_t, v_t (Adam, Lion, Prodigy, ...)
+    [M7] apply         p <- p (1 - lr wd) - lr d                                   (decoupled decay)
+
+Randomized SVD (Halko, Martinsson, Tropp 2011, arXiv 0909.4061): draw Omega (n x (r + p)) from the
+optimizer's own seeded generator, Y = A Omega, optional power iterations, Q = orth(Y), B = Q^T A,
+B = U~ S Vh (small SVD), U = Q U~; keep the top r. When r + p >= min(m, n) the exact thin SVD is used,
+so the factors then hold the moment exactly: this is what makes the full-rank tests exact.
+
+Memory: a dense moment of an (m, n) matrix costs m n floats; rank-r factors U (m, r), s (r), Vh (r, n)
+cost r (m + n + 1). For 4096 x 4096 at r = 4, AdamW keeps 2 * 16.8M = 33.6M floats, MLorc_AdamW keeps
+2 * 32,772 = 65.5K (about 512x less); Lion-type variants keep one moment. The transient cost is one
+dense (m, n) reconstruction per moment while that parameter is being updated, and the gradient itself
+stays dense. With the fused backward pass (attach_fused_backward) each parameter is stepped and its
+gradient freed during backward, so peak memory is bounded by the largest matrix, not the whole model.
+
+Which parameters are compressed: every parameter with ndim >= 2, in its natural layout (shape[0], rest):
+a Linear weight as (out, in), a conv filter as (out, in * kh * kw). Parameters with ndim < 2 (biases,
+norm weights) keep dense moments and are trained like any other. A group with rank=None keeps dense
+moments for all its parameters.
+
+The six optimizers, each exact at full rank against its uncompressed parent:
+    MLorc_AdamW        torch.optim.AdamW                  (Loshchilov & Hutter, arXiv 1711.05101)
+    MLorc_Lion         lion_pytorch.Lion                  (Chen et al., arXiv 2302.06675)
+    MLorc_Prodigy      prodigyopt.Prodigy                 (Mishchenko & Defazio, arXiv 2306.06101)
+    MLorc_DAdapt_Lion  dadaptation.DAdaptLion             (Defazio & Mishchenko, arXiv 2301.07733)
+    MLorc_Adopt        adopt.ADOPT                        (Taniguchi et al., arXiv 2411.02853)
+    MLorc_CAME         came_pytorch.CAME (m compressed)   (Luo et al., arXiv 2307.02047)
+Options (per param group):
+    use_grams          d <- sign(g) |d|                   (Grams, arXiv 2412.17107)
+    use_atan2          Adam's m / (sqrt(v) + eps) becomes (4/pi) atan2(m, sqrt(v))  (arXiv 2407.05872)
+    use_orthograd      drop the part of g parallel to w, keep |g|  (Grokking at the edge, arXiv 2501.04697)
+    use_cautious       zero update entries whose sign disagrees with g  (Cautious, arXiv 2411.16085)
+    clip_threshold     Lion family: clip each gradient to this L2 norm
+    stochastic_rounding  bf16 parameters: round the update stochastically (unbiased)
+
+Usage:
+    import mlorc
+    opt = mlorc.MLorc_AdamW(model.parameters(), lr=1e-4, rank=4)
+    for x, y in data:
+        loss_fn(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+The readable path below is one loop over parameters: each matrix needs its own SVD. `python mlorc.py`
+runs a small demo that prints the loss and the optimizer-state bytes of AdamW and MLorc side by side.
+"""
+
+import math
+import sys
+import time
+
+import torch
+
+__all__ = [
+    "MLorc_AdamW", "MLorc_Lion", "MLorc_Prodigy", "MLorc_DAdapt_Lion", "MLorc_Adopt", "MLorc_CAME",
+    "attach_fused_backward", "rsvd", "state_bytes",
+]
+
+ATAN2_SCALE = 4 / math.pi  # Adam-atan2's a: makes the update's scale match Adam's for |m| ~ sqrt(v)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Randomized SVD
+
+def sketch_seed(seed, index, step):
+    """A 63-bit seed for parameter `index` at `step` (splitmix64 finalizer), so each sketch is
+    reproducible from integers saved in the state dict, and never depends on Python's hash()."""
+    x = (seed * 0x9E3779B97F4A7C15 + index * 0xD1B54A32D192ED03 + step) % 2**64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (x ^ (x >> 31)) % 2**63
+
+
+def sketch_generator(seed, index, step, device):
+    """The generator for one parameter's step: every random draw of the step comes from it."""
+    return torch.Generator(device=device).manual_seed(sketch_seed(seed, index, step))
+
+
+def rsvd(A, rank, oversampling=0, power_iters=0, generator=None):
+    """Rank-`rank` factors (U, s, Vh) of the matrix A with A ~ (U * s) @ Vh (Halko et al. 2011).
+
+    s is sorted descending and non-negative; U and Vh have orthonormal columns / rows. When
+    rank + oversampling >= min(m, n) the thin SVD is exact and truncated optimally instead of sketched.
+    """
+    m, n = A.shape
+    k = min(rank, m, n)
+    width = rank + oversampling
+    if width >= min(m, n):
+        U, s, Vh = torch.linalg.svd(A, full_matrices=False)
+        return U[:, :k], s[:k], Vh[:k]
+    omega = torch.randn(n, width, generator=generator, device=A.device, dtype=A.dtype)
+    Q = torch.linalg.qr(A @ omega).Q                              # (m, r + p): Householder, so an all-zero
+    for _ in range(power_iters):                                  # or rank-deficient sketch stays finite
+        Q = torch.linalg.qr(A.mT @ Q).Q                           # (n, r + p)
+        Q = torch.linalg.qr(A @ Q).Q                              # (m, r + p)
+    U_small, s, Vh = torch.linalg.svd(Q.mT @ A, full_matrices=False)  # B = Q^T A: (r + p, n)
+    return Q @ U_small[:, :k], s[:k], Vh[:k]
+
+
+def reconstruct(U, s, Vh):
+    """[M1] The dense matrix (U * s) @ Vh of rank-r factors."""
+    return (U * s) @ Vh
+
+
+# ----------------------------------------------------------------------------------------------------
+# Low-rank moment state: the only code that knows whether a moment is dense or factored.
+
+def matrix_shape(p):
+    """The natural (rows, cols) layout of a parameter: (out, in) for Linear, (out, in*kh*kw) for conv."""
+    return p.shape[0], p[0].numel()
+
+
+def state_dtype(p):
+    """Moments and factors are fp32 (fp64 for fp64 parameters), whatever the parameter dtype."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def init_moment(p, rank):
+    """State entries of one zero moment: rank-r factors for matrices, a dense tensor otherwise."""
+    dtype = state_dtype(p)
+    if p.ndim < 2 or rank is None:
+        return {"": torch.zeros_like(p, dtype=dtype)}
+    (rows, cols), k = matrix_shape(p), min(rank, *matrix_shape(p))
+    return {"_U": p.new_zeros(rows, k, dtype=dtype), "_s": p.new_zeros(k, dtype=dtype),
+            "_Vh": p.new_zeros(k, cols, dtype=dtype)}
+
+
+def load_moment(state, name, shape):
+    """[M1] The dense moment `name` from the state, reconstructed if it is factored."""
+    if name in state:
+        return state[name]
+    return reconstruct(state[name + "_U"], state[name + "_s"], state[name + "_Vh"]).view(shape)
+
+
+def compress_moment(state, name, value, group, generator):
+    """[M4] The state entries that store the new dense moment `value`: rank-r factors if the moment is
+    factored, the tensor itself otherwise. Pure: the caller commits them."""
+    if name in state:
+        return {name: value}
+    U, s, Vh = rsvd(value.reshape(value.shape[0], -1), group["rank"], group["oversampling"],
+                    group["power_iters"], generator)
+    return {name + "_U": U, name + "_s": s, name + "_Vh": Vh}
+
+
+def repair_second_moment(v):
+    """[M2] A low-rank reconstruction of a non-negative matrix can be negative: entries below 0 are
+    replaced by c, the mean of |v| over those entries (the paper's fix). No host sync."""
+    negative = v < 0
+    c = (v.abs() * negative).sum() / negative.sum().clamp(min=1)
+    return torch.where(negative, c, v)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Update rules: dense tensors and floats in, new tensors out. None touches a state dict or parameter.
+
+# (a) gradient transforms
+
+def clip_by_norm(g, max_norm):
+    """Scale g so its L2 norm is at most max_norm (None: unchanged). Out of place: g may alias p.grad."""
+    if max_norm is None:
+        return g
+    return g * (max_norm / g.norm().clamp(min=max_norm))
+
+
+def orthograd(w, g, eps=1e-30):
+    """OrthoGrad (arXiv 2501.04697): remove the component of g parallel to the weight w, then rescale
+    to g's norm, so the step cannot simply grow or shrink the weight (naive loss minimization)."""
+    w, g_flat = w.reshape(-1).to(g.dtype), g.reshape(-1)
+    g_orth = g_flat - (w @ g_flat) / (w @ w + eps) * w
+    return (g_orth * (g_flat.norm() / (g_orth.norm() + eps))).view_as(g)
+
+
+# (b) directions, one per variant
+
+def adamw_direction(m, v, step, betas, eps, use_atan2):
+    """[M5][M6] Adam's bias-corrected m_hat / (sqrt(v_hat) + eps), or its atan2 form (no eps)."""
+    bc1, bc2 = 1 - betas[0] ** step, 1 - betas[1] ** step
+    if use_atan2:
+        return ATAN2_SCALE * torch.atan2(m / bc1, (v / bc2).sqrt())
+    return (m / bc1) / (v.sqrt() / math.sqrt(bc2) + eps)
+
+
+def lion_direction(m_prev, g, beta1):
+    """[M6] Lion: the sign of an interpolation of the previous momentum and the gradient."""
+    return (m_prev * beta1 + g * (1 - beta1)).sign()
+
+
+def adopt_normalize(g, v_prev, eps, clip, use_atan2):
+    """[M6] ADOPT normalizes g by the previous v (before the momentum), then clips to +-clip."""
+    if use_atan2:
+        normed = ATAN2_SCALE * torch.atan2(g, v_prev.sqrt())
+    else:
+        normed = g / v_prev.sqrt().clamp(min=eps)
+    return normed if clip is None else normed.clamp(-clip, clip)
+
+
+def came_factored_rsqrt(row, col):
+    """CAME/Adafactor's rank-1 estimate of 1/sqrt(V) from the row and column means of V."""
+    return (row / row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1) * col.unsqueeze(-2).rsqrt()
+
+
+def came_direction(g, m_prev, stats, betas, eps, clip_threshold):
+    """[M3][M6] CAME: Adafactor-normalized g with RMS clipping, its momentum m (the compressed moment),
+    and the confidence-weighted direction. `stats` holds CAME's own second-moment statistics: row/col
+    means for ndim >= 2, a dense exp_avg_sq otherwise. Returns (d, m, new_stats)."""
+    b1, b2, b3 = betas
+    sq = g * g + eps[0]
+    if "exp_avg_sq_row" in stats:
+        row = stats["exp_avg_sq_row"] * b2 + sq.mean(dim=-1) * (1 - b2)
+        col = stats["exp_avg_sq_col"] * b2 + sq.mean(dim=-2) * (1 - b2)
+        u, new_stats = g * came_factored_rsqrt(row, col), {"exp_avg_sq_row": row, "exp_avg_sq_col": col}
+    else:
+        v = stats["exp_avg_sq"] * b2 + sq * (1 - b2)
+        u, new_stats = g * v.rsqrt(), {"exp_avg_sq": v}
+    u = u / (u.norm() / math.sqrt(u.numel()) / clip_threshold).clamp(min=1)
+    m = m_prev * b1 + u * (1 - b1)
+    if "exp_avg_sq_row" not in stats:
+        return m, m, new_stats
+    res = (u - m) ** 2 + eps[1]                                   # instability: how far u is from m
+    res_row = stats["exp_avg_res_row"] * b3 + res.mean(dim=-1) * (1 - b3)
+    res_col = stats["exp_avg_res_col"] * b3 + res.mean(dim=-2) * (1 - b3)
+    new_stats.update(exp_avg_res_row=res_row, exp_avg_res_col=res_col)
+    return came_factored_rsqrt(res_row, res_col) * m, m, new_stats
+
+
+# (c) direction transforms
+
+def grams(d, g):
+    """Grams (arXiv 2412.17107): keep the update's magnitude, take the gradient's sign. Makes
+    use_cautious a no-op, so the two are not combined."""
+    return g.sign() * d.abs()
+
+
+def cautious(d, g):
+    """Cautious (arXiv 2411.16085): zero update entries whose sign disagrees with g, and rescale by
+    the fraction kept so the mean step size is preserved."""
+    mask = (d * g > 0).to(d.dtype)
+    return d * mask / mask.mean().clamp(min=1e-3)
+
+
+# (d) apply
+
+def stochastic_round_to_bf16(x, generator):
+    """Round fp32 x to bf16 with probability proportional to the distance to each neighbour: add
+    uniform noise below bf16's last bit, then truncate. Unbiased: E[round(x)] = x."""
+    noise = torch.randint(0, 1 << 16, x.shape, generator=generator, device=x.device, dtype=torch.int32)
+    return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+def apply_update_(p, d, lr, weight_decay, generator=None):
+    """[M7] p <- p (1 - lr wd) - lr d, in place. bf16 parameters are updated in fp32 and rounded back:
+    stochastically when a generator is given, to nearest otherwise."""
+    if p.dtype in (torch.float32, torch.float64):
+        p.mul_(1 - lr * weight_decay).add_(d.to(p.dtype), alpha=-lr)
+        return
+    new = p.float() * (1 - lr * weight_decay) - lr * d.float()
+    if p.dtype == torch.bfloat16 and generator is not None:
+        new = stochastic_round_to_bf16(new, generator)
+    p.copy_(new)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimizer classes
+
+COMMON_DOC = """
+    Low-rank options (all per param group):
+        rank (int or None, default 4): rank r of the compressed moments of parameters with ndim >= 2;
+            None keeps dense moments. rank >= min(m, n) keeps the moment exactly.
+        oversampling (int >= 0, default 4): extra sketch columns p of the randomized SVD.
+        power_iters (int >= 0, default 1): power iterations of the randomized SVD.
+        seed (int, default 0): seed of the sketches; each parameter's step draws from a generator
+            seeded by (seed, parameter index, step), so resuming from a state dict is bitwise exact
+            and the global RNG is never touched.
+        use_orthograd (bool, default False): OrthoGrad on the gradient before the moments.
+        use_cautious (bool, default False): cautious masking of the update.
+        stochastic_rounding (bool, default True): bf16 parameters get a stochastically rounded update
+            (a no-op for other dtypes).
+        maximize (bool, default False): maximize the objective.
+"""
+
+
+class _MLorcOptimizer(torch.optim.Optimizer):
+    """The shared MLorc pipeline: validation, lazy state, the [M1]-[M7] cycle and checkpoints.
+    Subclasses set `moments`, their defaults, and implement `_direction`."""
+
+    moments = ("exp_avg",)           # moments kept as rank-r factors for matrices
+    second_moments = ()              # of those, the ones that get the [M2] repair
+    sign_based = False               # Lion family: the step is already a sign (Grams is rejected)
+    supports_atan2 = False           # has an m / sqrt(v) division that atan2 can replace
+    needs_end_step = False           # Prodigy / D-Adapt: a global statistic is reduced after each step
+
+    def __init__(self, params, defaults, *, rank=4, oversampling=4, power_iters=1, seed=0,
+                 use_grams=False, use_atan2=False, use_orthograd=False, use_cautious=False,
+                 stochastic_rounding=True, maximize=False):
+        defaults.update(rank=rank, oversampling=oversampling, power_iters=power_iters, seed=seed,
+                        use_grams=use_grams, use_atan2=use_atan2, use_orthograd=use_orthograd,
+                        use_cautious=use_cautious, stochastic_rounding=stochastic_rounding,
+                        maximize=maximize)
+        self._fused_backward = False
+        self._stepped_since_end = set()
+        super().__init__(params, defaults)
+
+    # -- validation -----------------------------------------------------------------------------
+
+    def _validate_group(self, group):
+        """Every hyperparameter check and every forbidden combination of options, in one place."""
+        name = type(self).__name__
+
+        def bad(arg, why):
+            raise ValueError(f"{name}: invalid {arg}={group[arg]!r}: {why}")
+
+        if not isinstance(group["lr"], (int, float)) or not group["lr"] >= 0:
+            bad("lr", "must be a number >= 0")
+        betas = group["betas"]
+        if not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            bad("betas", "each beta must be in [0, 1)")
+        for arg in ("weight_decay", "eps"):
+            if arg in group and not all(e >= 0 for e in _as_tuple(group[arg])):
+                bad(arg, "must be >= 0")
+        if group["rank"] is not None and (not _is_int(group["rank"]) or group["rank"] < 1):
+            bad("rank", "must be an int >= 1, or None for dense moments")
+        for arg in ("oversampling", "power_iters"):
+            if not _is_int(group[arg]) or group[arg] < 0:
+                bad(arg, "must be an int >= 0")
+        if not _is_int(group["seed"]):
+            bad("seed", "must be an int")
+        if group.get("clip_threshold") is not None and not group["clip_threshold"] > 0:
+            bad("clip_threshold", "must be > 0, or None for no clipping")
+        if "slice_p" in group and (not _is_int(group["slice_p"]) or group["slice_p"] < 1):
+            bad("slice_p", "must be an int >= 1")
+        if self.sign_based and group["use_grams"]:
+            bad("use_grams", f"{name}'s step is already a sign; Grams would make it signSGD")
+        if group["use_grams"] and group["use_cautious"]:
+            bad("use_cautious", "Grams takes the sign of g, so the cautious mask could never fire")
+        if group["use_atan2"] and not self.supports_atan2:
+            bad("use_atan2", f"{name} has no m / sqrt(v) division to replace")
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        self._validate_group(self.param_groups[-1])
+        for p in self.param_groups[-1]["params"]:
+            if p.is_complex():
+                raise ValueError(f"{type(self).__name__}: complex parameter of shape {tuple(p.shape)} "
+                                 "is not supported; optimize torch.view_as_real(p) instead")
+        self._index = None
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:              # state dicts saved before an option existed
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        self._index = None
+        self.__dict__.setdefault("_fused_backward", False)
+        self.__dict__.setdefault("_stepped_since_end", set())
+
+    def _locate(self, p):
+        """(global index, group) of a parameter; the index seeds its sketches."""
+        if self._index is None:
+            params = [(q, group) for group in self.param_groups for q in group["params"]]
+            self._index = {q: (i, group) for i, (q, group) in enumerate(params)}
+        return self._index[p]
+
+    def _check_grads(self, params, groups):
+        """Raise before anything changes: bad hyperparameters (set since construction), sparse or
+        non-finite gradients name their parameter. One host sync per device for the whole step."""
+        name = type(self).__name__
+        for group in groups:
+            self._validate_group(group)
+        by_device = {}
+        for index, p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{name}: parameter {index} has a sparse gradient; not supported")
+            by_device.setdefault(p.grad.device, []).append((index, p))
+        for items in by_device.values():
+            finite = torch.stack([torch.isfinite(p.grad).all() for _, p in items]).tolist()
+            for (index, p), ok in zip(items, finite):
+                if not ok:
+                    raise RuntimeError(f"{name}: parameter {index} (shape {tuple(p.shape)}) has a "
+                                       "non-finite gradient; parameters and state are unchanged")
+
+    # -- the step -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimization step over every parameter that has a gradient."""
+        if closure is not None and self._fused_backward:
+            raise RuntimeError("step(closure) with the fused backward pass would step each parameter "
+                               "twice; the hooks already step them during backward")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = [(i, p) for i, p in enumerate(p for g in self.param_groups for p in g["params"])
+                  if p.grad is not None]
+        self._check_grads(params, self.param_groups)
+        for index, p in params:
+            self._step_param(p, index, self._locate(p)[1])
+        self.end_step()
+        return loss
+
+    @torch.no_grad()
+    def step_param(self, p):
+        """Step one parameter now (the fused backward pass calls this from a gradient hook).
+        Prodigy and D-Adapt Lion then need end_step() once all parameters are stepped."""
+        index, group = self._locate(p)
+        if self.needs_end_step and p in self._stepped_since_end:
+            raise RuntimeError(f"{type(self).__name__}: parameter {index} stepped twice without "
+                               "end_step(); call optimizer.end_step() after each backward()")
+        self._check_grads([(index, p)], [group])
+        self._step_param(p, index, group)
+        if self.needs_end_step:
+            self._stepped_since_end.add(p)
+
+    def end_step(self):
+        """Finish an iteration: nothing to do, except for the adaptive step-size variants."""
+        self._stepped_since_end.clear()
+
+    def _step_param(self, p, index, group):
+        """The fixed pipeline of one parameter's step; only `_direction` varies between variants."""
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            for name in self.moments:
+                state.update({name + k: v for k, v in init_moment(p, group["rank"]).items()})
+            state.update(self._init_extra(p, group))
+        step = state["step"] + 1
+        generator = sketch_generator(group["seed"], index, step, p.device)
+        g = p.grad.to(state_dtype(p))                  # aliases p.grad when fp32: only out-of-place ops
+        if group["maximize"]:
+            g = -g
+        weight_decay = group["weight_decay"]
+        if not group.get("decouple", True):             # L2 decay (ADOPT / Prodigy with decouple=False)
+            g, weight_decay = g + weight_decay * p.to(g.dtype), 0.0
+        if group["use_orthograd"]:
+            g = orthograd(p, g)
+        prev = {name: load_moment(state, name, p.shape) for name in self.moments}         # [M1]
+        for name in self.second_moments:
+            if name + "_U" in state:
+                prev[name] = repair_second_moment(prev[name])                              # [M2]
+        d, lr, new = self._direction(p, g, prev, state, group, step)                       # [M3][M5][M6]
+        if d is not None and group["use_grams"]:
+            d = grams(d, g)
+        if d is not None and group["use_cautious"]:
+            d = cautious(d, g)
+        commit = {}
+        for key, value in new.items():                                                     # [M4]
+            if key in self.moments:
+                commit.update(compress_moment(state, key, value, group, generator))
+            else:
+                commit[key] = value
+        state.update(commit)
+        state["step"] = step
+        if d is not None:                                                                  # [M7]
+            rounding = generator if group["stochastic_rounding"] else None
+            apply_update_(p, d, lr, weight_decay, rounding)
+
+    def _init_extra(self, p, group):
+        """Variant state beyond the low-rank moments (none by default)."""
+        return {}
+
+    def _direction(self, p, g, prev, state, group, step):
+        """Return (direction d or None to skip the update, lr of the step, new dense state)."""
+        raise NotImplementedError
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict):
+        """torch casts floating state to the parameter dtype (bf16 would round the fp32 factors);
+        restore the saved tensors as they were, on the parameter's device."""
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, entries in saved.items():
+            p = params[index]
+            for key, value in entries.items():
+                if torch.is_tensor(value):
+                    self.state[p][key] = value.to(p.device, copy=True)
+        self._stepped_since_end.clear()
+
+
+def _as_tuple(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+class MLorc_AdamW(_MLorcOptimizer):
+    __doc__ = """AdamW (torch.optim.AdamW semantics) with rank-r compressed m and v.
+
+    Give it every trainable parameter: matrices get compressed moments, vectors dense ones.
+        lr (float >= 0, default 1e-3), betas ((b1, b2) in [0, 1), default (0.9, 0.999)),
+        eps (float >= 0, default 1e-8; unused with use_atan2), weight_decay (decoupled, default 1e-2).
+        use_atan2 (bool, default False): Adam-atan2 instead of m / (sqrt(v) + eps).
+        use_grams (bool, default False): Grams sign correction (excludes use_cautious).
+    State: step, exp_avg_{U,s,Vh} and exp_avg_sq_{U,s,Vh} for matrices (exp_avg, exp_avg_sq if dense).
+    """ + COMMON_DOC
+    moments = ("exp_avg", "exp_avg_sq")
+    second_moments = ("exp_avg_sq",)
+    supports_atan2 = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, **options):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
+                         **options)
+
+    def _direction(self, p, g, prev, state, group, step):
+        """Adam, or its atan2 form, on the new dense moments."""
+        b1, b2 = group["betas"]
+        m = prev["exp_avg"].lerp(g, 1 - b1)                                                # [M3]
+        v = prev["exp_avg_sq"] * b2 + g * g * (1 - b2)
+        d = adamw_direction(m, v, step, group["betas"], group["eps"], group["use_atan2"])  # [M5][M6]
+        return d, group["lr"], {"exp_avg": m, "exp_avg_sq": v}
+
+
+class MLorc_Lion(_MLorcOptimizer):
+    __doc__ = """Lion (lion_pytorch.Lion semantics) with a rank-r compressed momentum.
+
+        lr (default 1e-4), betas (default (0.9, 0.99)), weight_decay (decoupled, p *= 1 - lr wd,
+        default 0). clip_threshold (float > 0 or None, default None): clip each gradient to this
+        L2 norm first. use_cautious: cautious Lion. use_atan2 and use_grams are rejected (no
+        denominator; the step is already a sign).
+    State: step, exp_avg_{U,s,Vh} for matrices (exp_avg if dense).
+    """ + COMMON_DOC
+    sign_based = True
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, clip_threshold=None,
+                 **options):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+                                      clip_threshold=clip_threshold), **options)
+
+    def _direction(self, p, g, prev, state, group, step):
+        """Lion: sign of b1 m~ + (1 - b1) g; the momentum then moves with b2."""
+        b1, b2 = group["betas"]
+        g = clip_by_norm(g, group["clip_threshold"])
+        d = lion_direction(prev["exp_avg"], g, b1)                                         # [M6]
+        return d, group["lr"], {"exp_avg": prev["exp_avg"] * b2 + g * (1 - b2)}             # [M3]
+
+
+class MLorc_Adopt(_MLorcOptimizer):
+    __doc__ = """ADOPT (adopt.ADOPT semantics) with rank-r compressed m and v.
+
+    The first step only initializes v = g * g (no update); later steps normalize g by the previous
+    v, clip it to +-(t - 1)^clip_exponent, and take the momentum of that.
+        lr (default 1e-3), betas (default (0.9, 0.9999)), eps (default 1e-6, a floor on sqrt(v)),
+        weight_decay (default 0), decouple (default False: L2 added to g; True: p *= 1 - lr wd),
+        clip_exponent (float or None, default 0.25: ADOPT's clip_lambda = step ** 0.25).
+        use_atan2: atan2(g, sqrt(v)) replaces the division (the clip still applies).
+    State: step, exp_avg_{U,s,Vh}, exp_avg_sq_{U,s,Vh} for matrices (exp_avg, exp_avg_sq if dense).
+    """ + COMMON_DOC
+    moments = ("exp_avg", "exp_avg_sq")
+    second_moments = ("exp_avg_sq",)
+    supports_atan2 = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.9999), eps=1e-6, weight_decay=0.0,
+                 decouple=False, clip_exponent=0.25, **options):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      decouple=decouple, clip_exponent=clip_exponent), **options)
+
+    def _direction(self, p, g, prev, state, group, step):
+        """ADOPT: normalize g by the previous v (or atan2), clip, then momentum; v last."""
+        b1, b2 = group["betas"]
+        if step == 1:
+            return None, 0.0, {"exp_avg_sq": g * g}
+        v = prev["exp_avg_sq"] * b2 + g * g * (1 - b2)                                     # [M3]
+        clip = None if group["clip_exponent"] is None else (step - 1) ** group["clip_exponent"]
+        normed = adopt_normalize(g, prev["exp_avg_sq"], group["eps"], clip, group["use_atan2"])
+        m = prev["exp_avg"].lerp(normed, 1 - b1)                                           # [M6]
+        return m, group["lr"], {"exp_avg": m, "exp_avg_sq": v}
+
+
+class MLorc_CAME(_MLorcOptimizer):
+    __doc__ = """CAME (came_pytorch.CAME semantics) with its first moment compressed to rank r.
+
+    CAME's second moment and instability are already factored (row and column means over the last
+    two dims), so only m is low-rank here; 1-D parameters keep CAME's dense exp_avg_sq.
+        lr (default 2e-4), betas ((b1, b2, b3), default (0.9, 0.999, 0.9999)), eps ((eps1, eps2),
+        default (1e-30, 1e-16)), clip_threshold (CAME's update-RMS clip, default 1.0),
+        weight_decay (decoupled, default 0).
+    State: step, exp_avg_{U,s,Vh}, exp_avg_sq_row/col and exp_avg_res_row/col for ndim >= 2.
+    """ + COMMON_DOC
+    stats = ("exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col")
+
+    def __init__(self, params, lr=2e-4, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16),
+                 clip_threshold=1.0, weight_decay=0.0, **options):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=tuple(eps),
+                                      clip_threshold=clip_threshold, weight_decay=weight_decay),
+                         **options)
+
+    def _init_extra(self, p, group):
+        dtype = state_dtype(p)
+        if p.ndim < 2:
+            return {"exp_avg_sq": torch.zeros_like(p, dtype=dtype)}
+        rows, cols = p.shape[:-1], p.shape[:-2] + p.shape[-1:]
+        return {"exp_avg_sq_row": p.new_zeros(rows, dtype=dtype),
+                "exp_avg_sq_col": p.new_zeros(cols, dtype=dtype),
+                "exp_avg_res_row": p.new_zeros(rows, dtype=dtype),
+                "exp_avg_res_col": p.new_zeros(cols, dtype=dtype)}
+
+    def _direction(self, p, g, prev, state, group, step):
+        """CAME on the reconstructed m and CAME's own statistics."""
+        stats = {key: state[key] for key in self.stats if key in state}
+        d, m, new = came_direction(g, prev["exp_avg"], stats, group["betas"], group["eps"],
+                                   group["clip_threshold"])
+        new["exp_avg"] = m
+        return d, group["lr"], new
+
+
+class _AdaptiveStepSize(_MLorcOptimizer):
+    """Prodigy and D-Adaptation estimate one global step size d from sums over all parameters. The
+    per-parameter step adds its terms to tensors (no host sync); end_step() reduces them once and
+    updates d in every param group (so d is saved by state_dict)."""
+
+    needs_end_step = True
+
+    def __init__(self, params, defaults, **options):
+        self._sums = {}              # device -> (numerator, denominator) tensors of this step
+        super().__init__(params, defaults, **options)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_sums", {})
+
+    def _init_extra(self, p, group):
+        return {"s": torch.zeros_like(p.reshape(-1)[::group["slice_p"]], dtype=state_dtype(p))}
+
+    def _accumulate(self, device, numerator, denominator):
+        old = self._sums.get(device, (0.0, 0.0))
+        self._sums[device] = (old[0] + numerator, old[1] + denominator)
+
+    def _take_sums(self):
+        """The step's sums as floats (one host sync per device), and whether anything was stepped."""
+        sums, self._sums = self._sums, {}
+        numerator = sum(float(n) for n, _ in sums.values())
+        denominator = sum(float(d) for _, d in sums.values())
+        return numerator, denominator, bool(sums)
+
+    def _global(self, key):
+        """The global estimate lives in every group (so state_dict saves it); group 0 is read."""
+        if key == "lr":
+            return max(group["lr"] for group in self.param_groups)
+        return self.param_groups[0][key]
+
+    def _check_grads(self, params, groups):
+        super()._check_grads(params, groups)
+        lrs = {group["lr"] for group in self.param_groups} - {0.0}
+        if len(lrs) > 1:
+            raise ValueError(f"{type(self).__name__}: all param groups must share one lr (or have "
+                             f"lr=0, which freezes them); got {sorted(lrs)}")
+
+    def _step_param(self, p, index, group):
+        if group["lr"] > 0:                                      # lr = 0 freezes the group
+            super()._step_param(p, index, group)
+
+
+class MLorc_Prodigy(_AdaptiveStepSize):
+    __doc__ = """Prodigy (prodigyopt.Prodigy semantics) with rank-r compressed m and v.
+
+    Prodigy scales Adam by an estimated distance d to the solution. Its s and p0 vectors stay dense
+    but sub-sampled: every slice_p-th entry (prodigyopt's slice_p; default 11 here, since dense s
+    and p0 would cost as much as AdamW's moments). The step is one pass over the parameters (so it
+    also runs from the fused backward pass): the eps term uses the d of the start of the step, where
+    prodigyopt uses the d it has just estimated; the two differ by O(eps).
+        lr (default 1.0), betas (default (0.9, 0.999)), beta3 (default None: sqrt(b2)), eps (1e-8),
+        weight_decay (0), decouple (True), use_bias_correction (False), safeguard_warmup (False),
+        d0 (1e-6), d_coef (1.0), growth_rate (inf), slice_p (int >= 1, default 11).
+        use_atan2: atan2(m, sqrt(v)) replaces the division (eps unused).
+    With the fused backward pass call optimizer.end_step() after each backward().
+    State: step, exp_avg*, exp_avg_sq* (factored for matrices), s, p0; groups hold d, d_max, k, ...
+    """ + COMMON_DOC
+    moments = ("exp_avg", "exp_avg_sq")
+    second_moments = ("exp_avg_sq",)
+    supports_atan2 = True
+
+    def __init__(self, params, lr=1.0, betas=(0.9, 0.999), beta3=None, eps=1e-8, weight_decay=0.0,
+                 decouple=True, use_bias_correction=False, safeguard_warmup=False, d0=1e-6,
+                 d_coef=1.0, growth_rate=float("inf"), slice_p=11, **options):
+        super().__init__(params, dict(
+            lr=lr, betas=tuple(betas), beta3=beta3, eps=eps, weight_decay=weight_decay,
+            decouple=decouple, use_bias_correction=use_bias_correction,
+            safeguard_warmup=safeguard_warmup, d0=d0, d_coef=d_coef, growth_rate=growth_rate,
+            slice_p=slice_p, d=d0, d_max=d0, d_numerator=0.0, k=0), **options)
+
+    def _init_extra(self, p, group):
+        p0 = p.reshape(-1)[::group["slice_p"]].to(state_dtype(p), copy=True)
+        return {**super()._init_extra(p, group), "p0": p0}
+
+    def _scalars(self):
+        """(d, d0, dlr, beta3) at the start of this step, from the global state in group 0."""
+        b1, b2 = self._global("betas")
+        k, d, lr = self._global("k"), self._global("d"), self._global("lr")
+        bias_correction = (math.sqrt(1 - b2 ** (k + 1)) / (1 - b1 ** (k + 1))
+                           if self._global("use_bias_correction") else 1.0)
+        beta3 = self._global("beta3") if self._global("beta3") is not None else math.sqrt(b2)
+        return d, self._global("d0"), d * lr * bias_correction, beta3
+
+    def _direction(self, p, g, prev, state, group, step):
+        """Prodigy: Adam on d-scaled moments, plus this parameter's terms of the d estimate."""
+        (b1, b2), (d, d0, dlr, beta3) = group["betas"], self._scalars()
+        g_slice, p_slice = g.reshape(-1)[::group["slice_p"]], p.reshape(-1)[::group["slice_p"]]
+        numerator = (d / d0) * dlr * (g_slice @ (state["p0"] - p_slice.to(g.dtype)))
+        s = state["s"] * beta3 + g_slice * ((d / d0) * (d if group["safeguard_warmup"] else dlr))
+        self._accumulate(p.device, numerator, s.abs().sum())
+        m = prev["exp_avg"] * b1 + g * (d * (1 - b1))                                      # [M3]
+        v = prev["exp_avg_sq"] * b2 + g * g * (d * d * (1 - b2))
+        if group["use_atan2"]:
+            direction = ATAN2_SCALE * torch.atan2(m, v.sqrt())                             # [M6]
+        else:
+            direction = m / (v.sqrt() + d * group["eps"])
+        return direction, dlr, {"exp_avg": m, "exp_avg_sq": v, "s": s}
+
+    def end_step(self):
+        """Reduce this step's sums into the new d (prodigyopt's update rule) and store it."""
+        super().end_step()
+        delta_numerator, denominator, stepped = self._take_sums()
+        if not stepped or denominator == 0:                      # no progress made: keep d, as prodigyopt
+            return
+        d, d0, _, beta3 = self._scalars()
+        d_max, lr = self._global("d_max"), self._global("lr")
+        numerator = self._global("d_numerator") * beta3 + delta_numerator
+        d_hat = d
+        if lr > 0:
+            d_hat = self._global("d_coef") * numerator / denominator
+            d = max(d, d_hat) if d == d0 else d
+            d_max = max(d_max, d_hat)
+            d = min(d_max, d * self._global("growth_rate"))
+        for group in self.param_groups:
+            group.update(d=d, d_max=d_max, d_numerator=numerator, d_hat=d_hat, k=group["k"] + 1)
+
+
+class MLorc_DAdapt_Lion(_AdaptiveStepSize):
+    __doc__ = """D-Adapt Lion (dadaptation.DAdaptLion semantics) with a rank-r compressed momentum.
+
+    D-Adaptation estimates the step size d from the correlation of updates with their running sum s.
+    s stays dense but sub-sampled (every slice_p-th entry; slice_p=1 is dadaptation's exact rule).
+        lr (default 1.0), betas (default (0.9, 0.99)), weight_decay (p *= 1 - d lr wd, default 0),
+        d0 (1e-6), slice_p (int >= 1, default 11), clip_threshold (float or None, default None).
+        use_atan2 and use_grams are rejected, as for Lion.
+    With the fused backward pass call optimizer.end_step() after each backward().
+    State: step, exp_avg* (factored for matrices), s; groups hold d, k, numerator_weighted.
+    """ + COMMON_DOC
+    sign_based = True
+
+    def __init__(self, params, lr=1.0, betas=(0.9, 0.99), weight_decay=0.0, d0=1e-6, slice_p=11,
+                 clip_threshold=None, **options):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, d0=d0,
+                                      slice_p=slice_p, clip_threshold=clip_threshold, d=d0, k=0,
+                                      numerator_weighted=0.0), **options)
+
+    def _direction(self, p, g, prev, state, group, step):
+        """Lion's sign step at d lr; the momentum accumulates d lr g (as in dadaptation)."""
+        b1, b2 = group["betas"]
+        dlr, sqrt_b2 = self._global("d") * self._global("lr"), math.sqrt(b2)
+        g = clip_by_norm(g, group["clip_threshold"])
+        d = lion_direction(prev["exp_avg"], g, b1)                                         # [M6]
+        d_slice = d.reshape(-1)[::group["slice_p"]]
+        numerator = dlr * (d_slice @ state["s"])
+        s = state["s"] * sqrt_b2 + d_slice * ((1 - sqrt_b2) * dlr)
+        self._accumulate(p.device, numerator, s.abs().sum())
+        return d, dlr, {"exp_avg": prev["exp_avg"] * b2 + g * ((1 - b2) * dlr), "s": s}    # [M3]
+
+    def end_step(self):
+        """Reduce this step's sums into the new d (dadaptation's update rule) and store it."""
+        super().end_step()
+        numerator_acum, sk_l1, stepped = self._take_sums()
+        if not stepped or sk_l1 == 0:
+            return
+        sqrt_b2 = math.sqrt(self._global("betas")[1])
+        weighted = sqrt_b2 * self._global("numerator_weighted") + (1 - sqrt_b2) * numerator_acum
+        d = self._global("d")
+        if self._global("lr") > 0:
+            d = max(d, weighted / ((1 - sqrt_b2) * sk_l1))
+        for group in self.param_groups:
+            group.update(d=d, numerator_weighted=weighted, k=group["k"] + 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fused backward pass and memory accounting
+
+def attach_fused_backward(params, optimizer):
+    """Step each parameter during backward, as soon as its gradient is accumulated, and free the
+    gradient right away: peak memory then holds one gradient, not all of them. This is the one place
+    where a gradient is dropped. Gradient accumulation over several backward() calls cannot work
+    (each backward steps), and step(closure) is refused. Prodigy / D-Adapt Lion: call
+    optimizer.end_step() after each backward(). Returns the hook handles (call .remove() to detach).
+
+        handles = mlorc.attach_fused_backward(model.parameters(), opt)
+        loss.backward()          # parameters are updated here
+        opt.end_step()           # Prodigy / D-Adapt Lion only
+    """
+    if isinstance(params, torch.nn.Module):
+        params = params.parameters()
+
+    def hook(p):
+        optimizer.step_param(p)
+        p.grad = None
+
+    optimizer._fused_backward = True
+    return [p.register_post_accumulate_grad_hook(hook) for p in params if p.requires_grad]
+
+
+def state_bytes(optimizer):
+    """Bytes of every tensor in the optimizer's state."""
+    return sum(t.numel() * t.element_size() for s in optimizer.state.values()
+               for t in s.values() if torch.is_tensor(t))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Demo: python mlorc.py
+
+if __name__ == "__main__":
+    steps = 300          # optimizer steps per run
+    width = 256          # hidden width of the MLP (its matrices are 256 x 256)
+    rank = 4             # MLorc rank
+    lr = 3e-3            # one lr for all runs
+    seed = 0
+
+    data_gen = torch.Generator().manual_seed(seed)
+    teacher = [torch.randn(64, width, generator=data_gen) / 8, torch.randn(width, 8, generator=data_gen) / 16]
+    x_all = torch.randn(4096, 64, generator=data_gen)
+    y_all = torch.tanh(x_all @ teacher[0]) @ teacher[1]
+
+    def make_model():
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.GELU(), torch.nn.Linear(width, width),
+                                   torch.nn.GELU(), torch.nn.Linear(width, 8))
+
+    runs = {
+        "torch.optim.AdamW": lambda ps: torch.optim.AdamW(ps, lr=lr),
+        "MLorc_AdamW full rank": lambda ps: MLorc_AdamW(ps, lr=lr, rank=width),
+        f"MLorc_AdamW rank {rank}": lambda ps: MLorc_AdamW(ps, lr=lr, rank=rank),
+        f"MLorc_Lion rank {rank}": lambda ps: MLorc_Lion(ps, lr=lr / 10, rank=rank),
+    }
+    results = []
+    for name, make_opt in runs.items():
+        model = make_model()
+        opt = make_opt(model.parameters())
+        start = time.perf_counter()
+        for i in range(steps):
+            idx = torch.randint(0, len(x_all), (128,), generator=data_gen)
+            loss = torch.nn.functional.mse_loss(model(x_all[idx]), y_all[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            done = (i + 1) * 30 // steps
+            sys.stdout.write(f"\r{name:<24} [{'#' * done}{'.' * (30 - done)}] loss {loss.item():.5f}")
+        sys.stdout.write("\n")
+        with torch.no_grad():
+            final = torch.nn.functional.mse_loss(model(x_all), y_all).item()
+        results.append((name, final, state_bytes(opt), time.perf_counter() - start))
+
+    print(f"\n{'optimizer':<24} {'final loss':>11} {'state bytes':>12} {'vs AdamW':>9} {'time':>7}")
+    for name, final, nbytes, seconds in results:
+        print(f"{name:<24} {final:>11.6f} {nbytes:>12,} {nbytes / results[0][2]:>8.1%} {seconds:>6.1f}s")

@@ -1,0 +1,26 @@
+from setuptools import setup
+
+setup(
+    name="mlorc",
+    version="0.1.0",
+    description="MLorc: momentum low-rank compression optimizers for memory-efficient full fine-tuning",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    py_modules=["mlorc"],
+    python_requires=">=3.9",
+    install_requires=["torch>=2.1"],
+    extras_require={
+        "test": [
+            "pytest",
+            "hypothesis",
+            "numpy",
+            # the uncompressed reference optimizers that the full-rank tests compare against
+            "lion-pytorch",
+            "prodigyopt",
+            "dadaptation",
+            "torch-adopt",
+            "came-pytorch",
+        ],
+    },
+    license="MIT",
+)
