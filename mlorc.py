@@ -97,7 +97,10 @@ def rsvd(A, rank, oversampling=0, power_iters=0, generator=None):
 
     s is sorted descending and non-negative; U and Vh have orthonormal columns / rows. When
     rank + oversampling >= min(m, n) the thin SVD is exact and truncated optimally instead of sketched.
+    The sketch is drawn from `generator` (a fixed seed if None), never from the global RNG.
     """
+    if generator is None:
+        generator = torch.Generator(device=A.device).manual_seed(0)
     m, n = A.shape
     k = min(rank, m, n)
     width = rank + oversampling
@@ -172,18 +175,20 @@ def repair_second_moment(v):
 # (a) gradient transforms
 
 def clip_by_norm(g, max_norm):
-    """Scale g so its L2 norm is at most max_norm (None: unchanged). Out of place: g may alias p.grad."""
+    """Scale g so its L2 norm is at most max_norm (None: unchanged). Out of place: g may alias p.grad.
+    The norm is taken in fp64: the fp32 norm of finite entries above ~1e19 overflows."""
     if max_norm is None:
         return g
-    return g * (max_norm / g.norm().clamp(min=max_norm))
+    norm = torch.linalg.vector_norm(g, dtype=torch.float64)
+    return g * (max_norm / norm.clamp(min=max_norm)).to(g.dtype)
 
 
 def orthograd(w, g, eps=1e-30):
     """OrthoGrad (arXiv 2501.04697): remove the component of g parallel to the weight w, then rescale
     to g's norm, so the step cannot simply grow or shrink the weight (naive loss minimization)."""
-    w, g_flat = w.reshape(-1).to(g.dtype), g.reshape(-1)
+    w, g_flat = w.reshape(-1).double(), g.reshape(-1).double()    # fp64: |g|^2 overflows fp32 at 1e19
     g_orth = g_flat - (w @ g_flat) / (w @ w + eps) * w
-    return (g_orth * (g_flat.norm() / (g_orth.norm() + eps))).view_as(g)
+    return (g_orth * (g_flat.norm() / (g_orth.norm() + eps))).view_as(g).to(g.dtype)
 
 
 # (b) directions, one per variant
@@ -228,7 +233,8 @@ def came_direction(g, m_prev, stats, betas, eps, clip_threshold):
     else:
         v = stats["exp_avg_sq"] * b2 + sq * (1 - b2)
         u, new_stats = g * v.rsqrt(), {"exp_avg_sq": v}
-    u = u / (u.norm() / math.sqrt(u.numel()) / clip_threshold).clamp(min=1)
+    if clip_threshold is not None:                                # cap the RMS of u at clip_threshold
+        u = u / (u.norm() / math.sqrt(u.numel()) / clip_threshold).clamp(min=1)
     m = m_prev * b1 + u * (1 - b1)
     if "exp_avg_sq_row" not in stats:
         return m, m, new_stats
@@ -303,7 +309,7 @@ class _MLorcOptimizer(torch.optim.Optimizer):
     second_moments = ()              # of those, the ones that get the [M2] repair
     sign_based = False               # Lion family: the step is already a sign (Grams is rejected)
     supports_atan2 = False           # has an m / sqrt(v) division that atan2 can replace
-    needs_end_step = False           # Prodigy / D-Adapt: a global statistic is reduced after each step
+    n_betas = 2
 
     def __init__(self, params, defaults, *, rank=4, oversampling=4, power_iters=1, seed=0,
                  use_grams=False, use_atan2=False, use_orthograd=False, use_cautious=False,
@@ -312,8 +318,7 @@ class _MLorcOptimizer(torch.optim.Optimizer):
                         use_grams=use_grams, use_atan2=use_atan2, use_orthograd=use_orthograd,
                         use_cautious=use_cautious, stochastic_rounding=stochastic_rounding,
                         maximize=maximize)
-        self._fused_backward = False
-        self._stepped_since_end = set()
+        self._fused_handles = []     # hooks of attach_fused_backward
         super().__init__(params, defaults)
 
     # -- validation -----------------------------------------------------------------------------
@@ -325,11 +330,18 @@ class _MLorcOptimizer(torch.optim.Optimizer):
         def bad(arg, why):
             raise ValueError(f"{name}: invalid {arg}={group[arg]!r}: {why}")
 
-        if not isinstance(group["lr"], (int, float)) or not group["lr"] >= 0:
+        if not _is_number(group["lr"]) or not group["lr"] >= 0:
             bad("lr", "must be a number >= 0")
         betas = group["betas"]
-        if not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        if len(_as_tuple(betas)) != self.n_betas:
+            bad("betas", f"{name} takes {self.n_betas} betas")
+        if not all(_is_number(b) and 0 <= b < 1 for b in betas):
             bad("betas", "each beta must be in [0, 1)")
+        if group.get("beta3") is not None and not (_is_number(group["beta3"]) and 0 <= group["beta3"] < 1):
+            bad("beta3", "must be in [0, 1), or None for sqrt(betas[1])")
+        if group.get("clip_exponent") is not None and not (_is_number(group["clip_exponent"])
+                                                           and group["clip_exponent"] >= 0):
+            bad("clip_exponent", "must be >= 0, or None for no clipping")
         for arg in ("weight_decay", "eps"):
             if arg in group and not all(e >= 0 for e in _as_tuple(group[arg])):
                 bad(arg, "must be >= 0")
@@ -342,6 +354,9 @@ class _MLorcOptimizer(torch.optim.Optimizer):
             bad("seed", "must be an int")
         if group.get("clip_threshold") is not None and not group["clip_threshold"] > 0:
             bad("clip_threshold", "must be > 0, or None for no clipping")
+        for arg in ("d0", "d_coef", "growth_rate"):
+            if arg in group and not group[arg] > 0:
+                bad(arg, "must be > 0")
         if "slice_p" in group and (not _is_int(group["slice_p"]) or group["slice_p"] < 1):
             bad("slice_p", "must be an int >= 1")
         if self.sign_based and group["use_grams"]:
@@ -352,12 +367,15 @@ class _MLorcOptimizer(torch.optim.Optimizer):
             bad("use_atan2", f"{name} has no m / sqrt(v) division to replace")
 
     def add_param_group(self, param_group):
-        super().add_param_group(param_group)
-        self._validate_group(self.param_groups[-1])
-        for p in self.param_groups[-1]["params"]:
+        """Validate the group with its defaults filled in first, so a rejected group is not added."""
+        params = param_group["params"]
+        params = [params] if torch.is_tensor(params) else list(params)
+        self._validate_group({**self.defaults, **param_group, "params": params})
+        for p in params:
             if p.is_complex():
                 raise ValueError(f"{type(self).__name__}: complex parameter of shape {tuple(p.shape)} "
                                  "is not supported; optimize torch.view_as_real(p) instead")
+        super().add_param_group({**param_group, "params": params})
         self._index = None
 
     def __setstate__(self, state):
@@ -366,8 +384,7 @@ class _MLorcOptimizer(torch.optim.Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
         self._index = None
-        self.__dict__.setdefault("_fused_backward", False)
-        self.__dict__.setdefault("_stepped_since_end", set())
+        self.__dict__.setdefault("_fused_handles", [])
 
     def _locate(self, p):
         """(global index, group) of a parameter; the index seeds its sketches."""
@@ -399,7 +416,7 @@ class _MLorcOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One optimization step over every parameter that has a gradient."""
-        if closure is not None and self._fused_backward:
+        if closure is not None and any(h.id in (h.hooks_dict_ref() or {}) for h in self._fused_handles):
             raise RuntimeError("step(closure) with the fused backward pass would step each parameter "
                                "twice; the hooks already step them during backward")
         loss = None
@@ -419,26 +436,15 @@ class _MLorcOptimizer(torch.optim.Optimizer):
         """Step one parameter now (the fused backward pass calls this from a gradient hook).
         Prodigy and D-Adapt Lion then need end_step() once all parameters are stepped."""
         index, group = self._locate(p)
-        if self.needs_end_step and p in self._stepped_since_end:
-            raise RuntimeError(f"{type(self).__name__}: parameter {index} stepped twice without "
-                               "end_step(); call optimizer.end_step() after each backward()")
         self._check_grads([(index, p)], [group])
         self._step_param(p, index, group)
-        if self.needs_end_step:
-            self._stepped_since_end.add(p)
 
     def end_step(self):
         """Finish an iteration: nothing to do, except for the adaptive step-size variants."""
-        self._stepped_since_end.clear()
 
     def _step_param(self, p, index, group):
         """The fixed pipeline of one parameter's step; only `_direction` varies between variants."""
-        state = self.state[p]
-        if not state:
-            state["step"] = 0
-            for name in self.moments:
-                state.update({name + k: v for k, v in init_moment(p, group["rank"]).items()})
-            state.update(self._init_extra(p, group))
+        state = self._init_state(p, group)
         step = state["step"] + 1
         generator = sketch_generator(group["seed"], index, step, p.device)
         g = p.grad.to(state_dtype(p))                  # aliases p.grad when fp32: only out-of-place ops
@@ -470,6 +476,16 @@ class _MLorcOptimizer(torch.optim.Optimizer):
             rounding = generator if group["stochastic_rounding"] else None
             apply_update_(p, d, lr, weight_decay, rounding)
 
+    def _init_state(self, p, group):
+        """The parameter's state, created on its first step: zero moments, factored for matrices."""
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            for name in self.moments:
+                state.update({name + k: v for k, v in init_moment(p, group["rank"]).items()})
+            state.update(self._init_extra(p, group))
+        return state
+
     def _init_extra(self, p, group):
         """Variant state beyond the low-rank moments (none by default)."""
         return {}
@@ -483,15 +499,14 @@ class _MLorcOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         """torch casts floating state to the parameter dtype (bf16 would round the fp32 factors);
         restore the saved tensors as they were, on the parameter's device."""
-        saved = state_dict["state"]
+        saved_keys = [key for group in state_dict["param_groups"] for key in group["params"]]
+        params = dict(zip(saved_keys, (p for group in self.param_groups for p in group["params"])))
         super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
-        for index, entries in saved.items():
-            p = params[index]
-            for key, value in entries.items():
+        for key, entries in state_dict["state"].items():
+            p = params[key]
+            for name, value in entries.items():
                 if torch.is_tensor(value):
-                    self.state[p][key] = value.to(p.device, copy=True)
-        self._stepped_since_end.clear()
+                    self.state[p][name] = value.to(p.device, copy=True)
 
 
 def _as_tuple(x):
@@ -500,6 +515,10 @@ def _as_tuple(x):
 
 def _is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 class MLorc_AdamW(_MLorcOptimizer):
@@ -591,10 +610,11 @@ class MLorc_CAME(_MLorcOptimizer):
     CAME's second moment and instability are already factored (row and column means over the last
     two dims), so only m is low-rank here; 1-D parameters keep CAME's dense exp_avg_sq.
         lr (default 2e-4), betas ((b1, b2, b3), default (0.9, 0.999, 0.9999)), eps ((eps1, eps2),
-        default (1e-30, 1e-16)), clip_threshold (CAME's update-RMS clip, default 1.0),
+        default (1e-30, 1e-16)), clip_threshold (CAME's update-RMS clip, default 1.0; None: off),
         weight_decay (decoupled, default 0).
     State: step, exp_avg_{U,s,Vh}, exp_avg_sq_row/col and exp_avg_res_row/col for ndim >= 2.
     """ + COMMON_DOC
+    n_betas = 3
     stats = ("exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col")
 
     def __init__(self, params, lr=2e-4, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16),
@@ -627,29 +647,35 @@ class _AdaptiveStepSize(_MLorcOptimizer):
     per-parameter step adds its terms to tensors (no host sync); end_step() reduces them once and
     updates d in every param group (so d is saved by state_dict)."""
 
-    needs_end_step = True
-
     def __init__(self, params, defaults, **options):
-        self._sums = {}              # device -> (numerator, denominator) tensors of this step
+        self._terms = {}             # parameter index -> (numerator, denominator) terms of this step
         super().__init__(params, defaults, **options)
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self.__dict__.setdefault("_sums", {})
+        self.__dict__.setdefault("_terms", {})
 
     def _init_extra(self, p, group):
         return {"s": torch.zeros_like(p.reshape(-1)[::group["slice_p"]], dtype=state_dtype(p))}
 
-    def _accumulate(self, device, numerator, denominator):
-        old = self._sums.get(device, (0.0, 0.0))
-        self._sums[device] = (old[0] + numerator, old[1] + denominator)
-
     def _take_sums(self):
-        """The step's sums as floats (one host sync per device), and whether anything was stepped."""
-        sums, self._sums = self._sums, {}
-        numerator = sum(float(n) for n, _ in sums.values())
-        denominator = sum(float(d) for _, d in sums.values())
-        return numerator, denominator, bool(sums)
+        """The step's sums as floats, and whether anything was stepped. Summed in parameter order,
+        in fp64, with one host sync, so step() and the fused backward pass (which steps parameters
+        in reverse) agree bitwise."""
+        terms, self._terms = self._terms, {}
+        if not terms:
+            return 0.0, 0.0, False
+        device = next(iter(terms.values()))[0].device
+        stacked = torch.stack([torch.stack(terms[i]).to(device, torch.float64) for i in sorted(terms)])
+        numerator, denominator = stacked.sum(dim=0).tolist()
+        return numerator, denominator, True
+
+    def step_param(self, p):
+        index, _ = self._locate(p)
+        if index in self._terms:
+            raise RuntimeError(f"{type(self).__name__}: parameter {index} stepped twice without "
+                               "end_step(); call optimizer.end_step() after each backward()")
+        super().step_param(p)
 
     def _global(self, key):
         """The global estimate lives in every group (so state_dict saves it); group 0 is read."""
@@ -665,8 +691,10 @@ class _AdaptiveStepSize(_MLorcOptimizer):
                              f"lr=0, which freezes them); got {sorted(lrs)}")
 
     def _step_param(self, p, index, group):
-        if group["lr"] > 0:                                      # lr = 0 freezes the group
+        if group["lr"] > 0:
             super()._step_param(p, index, group)
+        else:                                                    # lr = 0 freezes the group, but its
+            self._init_state(p, group)                           # state exists (DCP's init step)
 
 
 class MLorc_Prodigy(_AdaptiveStepSize):
@@ -676,7 +704,9 @@ class MLorc_Prodigy(_AdaptiveStepSize):
     but sub-sampled: every slice_p-th entry (prodigyopt's slice_p; default 11 here, since dense s
     and p0 would cost as much as AdamW's moments). The step is one pass over the parameters (so it
     also runs from the fused backward pass): the eps term uses the d of the start of the step, where
-    prodigyopt uses the d it has just estimated; the two differ by O(eps).
+    prodigyopt uses the d it has just estimated; the two differ by O(eps). With betas[0] = 0 the
+    whole step uses that d (prodigyopt's b1 = 0 branch scales g by the new d): m = d (1 - b1) g is
+    the b1 -> 0 limit of the b1 > 0 rule.
         lr (default 1.0), betas (default (0.9, 0.999)), beta3 (default None: sqrt(b2)), eps (1e-8),
         weight_decay (0), decouple (True), use_bias_correction (False), safeguard_warmup (False),
         d0 (1e-6), d_coef (1.0), growth_rate (inf), slice_p (int >= 1, default 11).
@@ -716,7 +746,7 @@ class MLorc_Prodigy(_AdaptiveStepSize):
         g_slice, p_slice = g.reshape(-1)[::group["slice_p"]], p.reshape(-1)[::group["slice_p"]]
         numerator = (d / d0) * dlr * (g_slice @ (state["p0"] - p_slice.to(g.dtype)))
         s = state["s"] * beta3 + g_slice * ((d / d0) * (d if group["safeguard_warmup"] else dlr))
-        self._accumulate(p.device, numerator, s.abs().sum())
+        self._terms[self._locate(p)[0]] = (numerator, s.abs().sum())
         m = prev["exp_avg"] * b1 + g * (d * (1 - b1))                                      # [M3]
         v = prev["exp_avg_sq"] * b2 + g * g * (d * d * (1 - b2))
         if group["use_atan2"]:
@@ -772,7 +802,7 @@ class MLorc_DAdapt_Lion(_AdaptiveStepSize):
         d_slice = d.reshape(-1)[::group["slice_p"]]
         numerator = dlr * (d_slice @ state["s"])
         s = state["s"] * sqrt_b2 + d_slice * ((1 - sqrt_b2) * dlr)
-        self._accumulate(p.device, numerator, s.abs().sum())
+        self._terms[self._locate(p)[0]] = (numerator, s.abs().sum())
         return d, dlr, {"exp_avg": prev["exp_avg"] * b2 + g * ((1 - b2) * dlr), "s": s}    # [M3]
 
     def end_step(self):
@@ -811,8 +841,9 @@ def attach_fused_backward(params, optimizer):
         optimizer.step_param(p)
         p.grad = None
 
-    optimizer._fused_backward = True
-    return [p.register_post_accumulate_grad_hook(hook) for p in params if p.requires_grad]
+    handles = [p.register_post_accumulate_grad_hook(hook) for p in params if p.requires_grad]
+    optimizer._fused_handles.extend(handles)
+    return handles
 
 
 def state_bytes(optimizer):

@@ -1,0 +1,108 @@
+"""Optimizer step time and memory on LLaMA-shaped parameter sets, side by side in one run.
+
+    python bench/step.py                          # CPU-sized LLaMA shapes on the CPU
+    python bench/step.py --preset tinyllama --device cuda
+
+Each optimizer gets the same parameters and the same fixed random gradients; the first steps (lazy
+state init, warm-up) are not timed. Printed per optimizer: median step time, its ratio to the first
+optimizer in the list, optimizer-state bytes per parameter, and (CUDA) the peak memory the step
+allocates beyond parameters, gradients and state.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import mlorc  # noqa: E402
+
+PRESETS = {
+    # TinyLlama-1.1B: hidden 2048, intermediate 5632, 22 layers, 4 KV heads of 64, vocab 32000
+    "tinyllama": dict(hidden=2048, intermediate=5632, layers=22, kv=256, vocab=32000),
+    # the same architecture scaled to a CPU: about 29M parameters
+    "cpu": dict(hidden=512, intermediate=1408, layers=4, kv=128, vocab=8000),
+}
+
+
+def llama_shapes(hidden, intermediate, layers, kv, vocab):
+    """Parameter shapes of a LLaMA decoder: embeddings, per-layer attention, MLP and norms, head."""
+    layer = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden),
+             (intermediate, hidden), (intermediate, hidden), (hidden, intermediate), (hidden,), (hidden,)]
+    return [(vocab, hidden)] + layer * layers + [(hidden,), (vocab, hidden)]
+
+
+def make_optimizers(device, rank):
+    fused_ok = device == "cuda"
+    return {
+        "torch AdamW fused" if fused_ok else "torch AdamW foreach":
+            lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True) if fused_ok
+            else torch.optim.AdamW(ps, lr=1e-4, foreach=True),
+        f"MLorc_AdamW r={rank}": lambda ps: mlorc.MLorc_AdamW(ps, lr=1e-4, rank=rank),
+        f"MLorc_AdamW r={rank} p=0 q=0": lambda ps: mlorc.MLorc_AdamW(ps, lr=1e-4, rank=rank,
+                                                                    oversampling=0, power_iters=0),
+        f"MLorc_Lion r={rank}": lambda ps: mlorc.MLorc_Lion(ps, lr=1e-5, rank=rank),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=PRESETS, default="cpu")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per optimizer")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--only", default="", help="comma-separated substrings of optimizer names")
+    args = parser.parse_args()
+
+    dtype = getattr(torch, args.dtype)
+    shapes = llama_shapes(**PRESETS[args.preset])
+    gen = torch.Generator(device=args.device).manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, device=args.device, dtype=dtype) * 0.02)
+              for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, device=args.device, dtype=dtype) * 1e-3
+    n_params = sum(p.numel() for p in params)
+    cuda = args.device.startswith("cuda")
+    print(f"preset {args.preset}: {len(shapes)} tensors, {n_params / 1e6:.1f}M parameters, {args.dtype}, "
+          f"device {torch.cuda.get_device_name() if cuda else args.device}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}")
+
+    rows = []
+    for name, make in make_optimizers(args.device, args.rank).items():
+        if args.only and not any(s in name for s in args.only.split(",")):
+            continue
+        opt = make(params)
+        times = []
+        for i in range(args.warmup + args.steps):
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+            start = time.perf_counter()
+            opt.step()
+            if cuda:
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+        peak = torch.cuda.max_memory_allocated() - before if cuda else float("nan")
+        rows.append((name, statistics.median(times), mlorc.state_bytes(opt) / n_params, peak))
+        del opt
+        if cuda:
+            torch.cuda.empty_cache()
+
+    largest = max(p.numel() for p in params) * 4
+    print(f"\n{'optimizer':<28} {'step ms':>9} {'ratio':>7} {'state B/param':>14} {'step peak extra':>16}")
+    for name, seconds, per_param, peak in rows:
+        peak_text = f"{peak / largest:.2f} x largest" if cuda else "n/a"
+        print(f"{name:<28} {seconds * 1e3:>9.1f} {seconds / rows[0][1]:>6.1f}x {per_param:>14.4f} "
+              f"{peak_text:>16}")
+    if cuda:
+        print(f"(largest matrix in fp32: {largest / 2**20:.0f} MiB)")
+
+
+if __name__ == "__main__":
+    main()

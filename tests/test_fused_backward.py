@@ -1,0 +1,222 @@
+"""attach_fused_backward: each parameter is stepped from its post-accumulate-grad hook.
+
+The hook path runs the same per-parameter ops as step(), in reverse order, with the same sketch seeds
+(a parameter's seed comes from its index in the param groups, not from when it is stepped), so the
+two paths are compared bitwise. That includes Prodigy / D-Adapt Lion: their per-parameter terms of
+the d estimate are summed in parameter order in end_step(), whatever order the hooks stepped in.
+"""
+
+import pytest
+import torch
+
+import mlorc
+
+VARIANTS = {
+    "AdamW": (mlorc.MLorc_AdamW, dict(lr=1e-2)),
+    "Lion": (mlorc.MLorc_Lion, dict(lr=1e-3)),
+    "Prodigy": (mlorc.MLorc_Prodigy, dict(lr=1.0, d0=1e-3, slice_p=3)),
+    "DAdapt_Lion": (mlorc.MLorc_DAdapt_Lion, dict(lr=1.0, d0=1e-3, slice_p=3)),
+    "Adopt": (mlorc.MLorc_Adopt, dict(lr=1e-2)),
+    "CAME": (mlorc.MLorc_CAME, dict(lr=1e-2)),
+}
+NAMES = list(VARIANTS)
+ADAPTIVE = ("Prodigy", "DAdapt_Lion")
+LOW_RANK = dict(rank=2, oversampling=1)      # 12 x 12 and 12 x 6 weights: sketched, not exact SVD
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads; on a shared 2-core machine spinning threads
+    slowed these tests several-fold."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def make_opt(name, params, **options):
+    cls, defaults = VARIANTS[name]
+    return cls(params, **{**defaults, **options})
+
+
+def make_model(device="cpu"):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 12),
+                               torch.nn.Tanh(), torch.nn.Linear(12, 3)).to(device)
+
+
+def batch(step):
+    gen = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(16, 6, generator=gen)
+    return x, torch.sin(x[:, :3]) + 0.1 * torch.randn(16, 3, generator=gen)
+
+
+def loss_of(model, step):
+    device = next(model.parameters()).device
+    x, y = (t.to(device) for t in batch(step))
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def train_with_step(name, steps, scheduler=None, device="cpu", **options):
+    model = make_model(device)
+    opt = make_opt(name, model.parameters(), **LOW_RANK, **options)
+    sched = scheduler(opt) if scheduler else None
+    for step in range(steps):
+        loss_of(model, step).backward()
+        opt.step()
+        opt.zero_grad()
+        if sched:
+            sched.step()
+    return model, opt
+
+
+def train_fused(name, steps, scheduler=None, device="cpu", **options):
+    model = make_model(device)
+    opt = make_opt(name, model.parameters(), **LOW_RANK, **options)
+    sched = scheduler(opt) if scheduler else None
+    handles = mlorc.attach_fused_backward(model, opt)
+    for step in range(steps):
+        loss_of(model, step).backward()           # parameters are stepped here
+        if name in ADAPTIVE:
+            opt.end_step()
+        assert all(p.grad is None for p in model.parameters())
+        if sched:
+            sched.step()
+    return model, opt, handles
+
+
+def assert_same_training(model_a, opt_a, model_b, opt_b):
+    """Parameters, every state tensor and the param groups (d estimate included) are bitwise equal."""
+    for p_a, p_b in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(p_a.detach(), p_b.detach())
+        assert opt_a.state[p_a].keys() == opt_b.state[p_b].keys()
+        state_a, state_b = opt_a.state[p_a], opt_b.state[p_b]
+        for key, value in state_a.items():
+            if torch.is_tensor(value):
+                assert torch.equal(value, state_b[key])
+            else:
+                assert value == state_b[key]
+    for group_a, group_b in zip(opt_a.param_groups, opt_b.param_groups):
+        assert group_a["lr"] == group_b["lr"] and group_a.get("k") == group_b.get("k")
+        assert group_a.get("d") == group_b.get("d")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_hooks_equal_backward_then_step(name, device):
+    model_a, opt_a = train_with_step(name, 5, device=device)
+    model_b, opt_b, _ = train_fused(name, 5, device=device)
+    assert_same_training(model_a, opt_a, model_b, opt_b)
+    assert not torch.equal(model_b[0].weight, make_model(device)[0].weight)
+    if name in ADAPTIVE:                       # the global d estimate has moved, on both paths
+        assert opt_b.param_groups[0]["d"] > opt_b.param_groups[0]["d0"]
+
+
+@pytest.mark.parametrize("name", ADAPTIVE)
+def test_adaptive_variants_refuse_a_second_step_without_end_step(name):
+    model = make_model()
+    opt = make_opt(name, model.parameters(), **LOW_RANK)
+    mlorc.attach_fused_backward(model, opt)
+    loss_of(model, 0).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="end_step"):
+        loss_of(model, 1).backward()           # the hook of the first parameter reached raises
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    # after end_step() the next backward steps normally
+    model.zero_grad(set_to_none=True)
+    opt.end_step()
+    loss_of(model, 1).backward()
+    assert not torch.equal(model[0].weight, before[0])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_param_twice(name):
+    weight = torch.nn.Parameter(torch.randn(12, 6, generator=torch.Generator().manual_seed(0)))
+    opt = make_opt(name, [weight], **LOW_RANK)
+    for _ in range(2):                            # ADOPT's first step makes no update
+        weight.grad = torch.ones_like(weight)
+        opt.step_param(weight)
+        opt.end_step()
+    before = weight.detach().clone()
+    weight.grad = torch.ones_like(weight)
+    opt.step_param(weight)
+    if name in ADAPTIVE:
+        once = weight.detach().clone()
+        state = {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[weight].items()}
+        with pytest.raises(RuntimeError, match="parameter 0 stepped twice without end_step"):
+            opt.step_param(weight)
+        assert torch.equal(weight, once)          # the refused call changed nothing
+        assert state["step"] == 3 and opt.state[weight].keys() == state.keys()
+        for key, value in opt.state[weight].items():
+            assert torch.equal(value, state[key]) if torch.is_tensor(value) else value == state[key]
+    else:                                         # only the global-d variants need end_step()
+        once = weight.detach().clone()
+        opt.step_param(weight)
+        assert not torch.equal(weight, once)
+    assert not torch.equal(once, before)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_with_closure_is_refused_after_attach(name):
+    model = make_model()
+    opt = make_opt(name, model.parameters(), **LOW_RANK)
+    mlorc.attach_fused_backward(model, opt)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        loss = loss_of(model, 0)
+        loss.backward()
+        return loss
+
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="closure"):
+        opt.step(closure)
+    assert calls == []                             # refused before the closure could step via hooks
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_removed_hooks_detach(name):
+    model, opt, handles = train_fused(name, 2)
+    for handle in handles:
+        handle.remove()
+    before = [p.detach().clone() for p in model.parameters()]
+    loss_of(model, 2).backward()
+    assert all(p.grad is not None for p in model.parameters())    # gradients are kept again
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    opt.step()                                     # and the ordinary step() applies them
+    assert not torch.equal(model[0].weight, before[0])
+
+
+def test_closure_accepted_after_hooks_are_removed():
+    model = make_model()
+    opt = make_opt("AdamW", model.parameters(), **LOW_RANK)
+    for handle in mlorc.attach_fused_backward(model, opt):
+        handle.remove()
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_of(model, 0)
+        loss.backward()
+        return loss
+
+    assert torch.isfinite(opt.step(closure))
+
+
+def step_lr(opt):
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+
+
+# the scheduler warns when optimizer.step() is never called, which is the point of the hook path
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+@pytest.mark.parametrize("name", NAMES)
+def test_lr_scheduler_drives_the_hooked_optimizer(name):
+    steps = 5
+    model_a, opt_a = train_with_step(name, steps, scheduler=step_lr)
+    model_b, opt_b, _ = train_fused(name, steps, scheduler=step_lr)
+    base = VARIANTS[name][1]["lr"]
+    assert opt_b.param_groups[0]["lr"] == base * 0.5 ** (steps // 2)
+    assert_same_training(model_a, opt_a, model_b, opt_b)
+    # and the schedule mattered: without it the run ends elsewhere
+    model_c, _, _ = train_fused(name, steps)
+    assert not torch.equal(model_b[0].weight, model_c[0].weight)
