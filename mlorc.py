@@ -706,7 +706,9 @@ class MLorc_Prodigy(_AdaptiveStepSize):
     also runs from the fused backward pass): the eps term uses the d of the start of the step, where
     prodigyopt uses the d it has just estimated; the two differ by O(eps). With betas[0] = 0 the
     whole step uses that d (prodigyopt's b1 = 0 branch scales g by the new d): m = d (1 - b1) g is
-    the b1 -> 0 limit of the b1 > 0 rule.
+    the b1 -> 0 limit of the b1 > 0 rule. When the d estimate's denominator is 0 (every sampled
+    gradient entry zero) prodigyopt skips the whole step; here the parameters have already moved
+    (for an all-zero gradient: by weight decay only) and d is kept.
         lr (default 1.0), betas (default (0.9, 0.999)), beta3 (default None: sqrt(b2)), eps (1e-8),
         weight_decay (0), decouple (True), use_bias_correction (False), safeguard_warmup (False),
         d0 (1e-6), d_coef (1.0), growth_rate (inf), slice_p (int >= 1, default 11).
