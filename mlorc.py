@@ -97,23 +97,27 @@ def rsvd(A, rank, oversampling=0, power_iters=0, generator=None):
 
     s is sorted descending and non-negative; U and Vh have orthonormal columns / rows. When
     rank + oversampling >= min(m, n) the thin SVD is exact and truncated optimally instead of sketched.
-    The sketch is drawn from `generator` (a fixed seed if None), never from the global RNG.
+    The sketch is drawn from `generator` (a fixed seed if None), never from the global RNG. A may also
+    be a batch (L, m, n) of same-shape matrices with a list of L generators: each matrix then gets
+    what it would get alone, in a few batched calls instead of L small ones.
     """
-    if generator is None:
-        generator = torch.Generator(device=A.device).manual_seed(0)
-    m, n = A.shape
+    m, n = A.shape[-2:]
     k = min(rank, m, n)
     width = rank + oversampling
     if width >= min(m, n):
         U, s, Vh = torch.linalg.svd(A, full_matrices=False)
-        return U[:, :k], s[:k], Vh[:k]
-    omega = torch.randn(n, width, generator=generator, device=A.device, dtype=A.dtype)
+        return U[..., :k], s[..., :k], Vh[..., :k, :]
+    generators = generator if isinstance(generator, (list, tuple)) else [generator]
+    omega = torch.stack([torch.randn(n, width, device=A.device, dtype=A.dtype, generator=g if g is not None
+                                     else torch.Generator(device=A.device).manual_seed(0))
+                         for g in generators]).view(*A.shape[:-2], n, width)
     Q = torch.linalg.qr(A @ omega).Q                              # (m, r + p): Householder, so an all-zero
     for _ in range(power_iters):                                  # or rank-deficient sketch stays finite
         Q = torch.linalg.qr(A.mT @ Q).Q                           # (n, r + p)
         Q = torch.linalg.qr(A @ Q).Q                              # (m, r + p)
-    U_small, s, Vh = torch.linalg.svd(Q.mT @ A, full_matrices=False)  # B = Q^T A: (r + p, n)
-    return Q @ U_small[:, :k], s[:k], Vh[:k]
+    Q_B, R_B = torch.linalg.qr((Q.mT @ A).mT)                     # B = Q^T A = R_B^T Q_B^T: (r + p, n)
+    U_small, s, W_h = torch.linalg.svd(R_B.mT)                    # so only a (r + p)^2 SVD is needed
+    return Q @ U_small[..., :k], s[..., :k], W_h[..., :k, :] @ Q_B.mT
 
 
 def reconstruct(U, s, Vh):
@@ -149,16 +153,6 @@ def load_moment(state, name, shape):
     if name in state:
         return state[name]
     return reconstruct(state[name + "_U"], state[name + "_s"], state[name + "_Vh"]).view(shape)
-
-
-def compress_moment(state, name, value, group, generator):
-    """[M4] The state entries that store the new dense moment `value`: rank-r factors if the moment is
-    factored, the tensor itself otherwise. Pure: the caller commits them."""
-    if name in state:
-        return {name: value}
-    U, s, Vh = rsvd(value.reshape(value.shape[0], -1), group["rank"], group["oversampling"],
-                    group["power_iters"], generator)
-    return {name + "_U": U, name + "_s": s, name + "_Vh": Vh}
 
 
 def repair_second_moment(v):
@@ -298,6 +292,9 @@ COMMON_DOC = """
         stochastic_rounding (bool, default True): bf16 parameters get a stochastically rounded update
             (a no-op for other dtypes).
         maximize (bool, default False): maximize the objective.
+        batch_bytes (int >= 0, default 2**30): step() compresses same-shape matrices of a group
+            together in batched linear-algebra calls, holding up to about this many bytes of their
+            dense moments at once (0: one parameter at a time). Results do not depend on it.
 """
 
 
@@ -313,11 +310,11 @@ class _MLorcOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, defaults, *, rank=4, oversampling=4, power_iters=1, seed=0,
                  use_grams=False, use_atan2=False, use_orthograd=False, use_cautious=False,
-                 stochastic_rounding=True, maximize=False):
+                 stochastic_rounding=True, maximize=False, batch_bytes=2**30):
         defaults.update(rank=rank, oversampling=oversampling, power_iters=power_iters, seed=seed,
                         use_grams=use_grams, use_atan2=use_atan2, use_orthograd=use_orthograd,
                         use_cautious=use_cautious, stochastic_rounding=stochastic_rounding,
-                        maximize=maximize)
+                        maximize=maximize, batch_bytes=batch_bytes)
         self._fused_handles = []     # hooks of attach_fused_backward
         super().__init__(params, defaults)
 
@@ -347,7 +344,7 @@ class _MLorcOptimizer(torch.optim.Optimizer):
                 bad(arg, "must be >= 0")
         if group["rank"] is not None and (not _is_int(group["rank"]) or group["rank"] < 1):
             bad("rank", "must be an int >= 1, or None for dense moments")
-        for arg in ("oversampling", "power_iters"):
+        for arg in ("oversampling", "power_iters", "batch_bytes"):
             if not _is_int(group[arg]) or group[arg] < 0:
                 bad(arg, "must be an int >= 0")
         if not _is_int(group["seed"]):
@@ -426,10 +423,23 @@ class _MLorcOptimizer(torch.optim.Optimizer):
         params = [(i, p) for i, p in enumerate(p for g in self.param_groups for p in g["params"])
                   if p.grad is not None]
         self._check_grads(params, self.param_groups)
-        for index, p in params:
-            self._step_param(p, index, self._locate(p)[1])
+        for batch, group in self._batches(params):
+            self._finish([self._prepare(p, index, group) for index, p in batch], group)
         self.end_step()
         return loss
+
+    def _batches(self, params):
+        """Same-group, same-shape matrices together, up to the group's batch_bytes of dense moments
+        (the results do not depend on the batching: each parameter keeps its own generator)."""
+        buckets = {}
+        for index, p in params:
+            group = self._locate(p)[1]
+            key = (id(group), tuple(p.shape)) if p.ndim >= 2 else (id(group), index)
+            buckets.setdefault(key, (group, []))[1].append((index, p))
+        for group, items in buckets.values():
+            per_batch = max(1, group["batch_bytes"] // (4 * items[0][1].numel() * len(self.moments)))
+            for start in range(0, len(items), per_batch):
+                yield items[start:start + per_batch], group
 
     @torch.no_grad()
     def step_param(self, p):
@@ -444,6 +454,10 @@ class _MLorcOptimizer(torch.optim.Optimizer):
 
     def _step_param(self, p, index, group):
         """The fixed pipeline of one parameter's step; only `_direction` varies between variants."""
+        self._finish([self._prepare(p, index, group)], group)
+
+    def _prepare(self, p, index, group):
+        """[M1]-[M6] of one parameter: its new dense state and its update; nothing is changed yet."""
         state = self._init_state(p, group)
         step = state["step"] + 1
         generator = sketch_generator(group["seed"], index, step, p.device)
@@ -464,17 +478,31 @@ class _MLorcOptimizer(torch.optim.Optimizer):
             d = grams(d, g)
         if d is not None and group["use_cautious"]:
             d = cautious(d, g)
-        commit = {}
-        for key, value in new.items():                                                     # [M4]
-            if key in self.moments:
-                commit.update(compress_moment(state, key, value, group, generator))
-            else:
-                commit[key] = value
-        state.update(commit)
-        state["step"] = step
-        if d is not None:                                                                  # [M7]
-            rounding = generator if group["stochastic_rounding"] else None
-            apply_update_(p, d, lr, weight_decay, rounding)
+        return dict(p=p, state=state, step=step, generator=generator, new=new, d=d, lr=lr,
+                    weight_decay=weight_decay)
+
+    def _finish(self, batch, group):
+        """[M4] compress the new moments of a batch of same-shape parameters in batched calls (each
+        with its own generator), commit the state, then [M7] apply each update."""
+        batch = [work for work in batch if work is not None]
+        for name in self.moments:
+            factored = [w for w in batch if name in w["new"] and name + "_U" in w["state"]]
+            if not factored:
+                continue
+            matrices = [w["new"].pop(name).reshape(w["p"].shape[0], -1) for w in factored]
+            A = torch.stack(matrices) if len(matrices) > 1 else matrices[0].unsqueeze(0)  # (L, m, n)
+            del matrices
+            factors = rsvd(A, group["rank"], group["oversampling"], group["power_iters"],    # [M4]
+                           [w["generator"] for w in factored])
+            del A
+            for i, w in enumerate(factored):          # clone: a view would pin the whole batch
+                w["new"].update({name + suffix: f[i].clone() for suffix, f in zip(("_U", "_s", "_Vh"), factors)})
+        for w in batch:
+            w["state"].update(w["new"])
+            w["state"]["step"] = w["step"]
+            if w["d"] is not None:                                                         # [M7]
+                rounding = w["generator"] if group["stochastic_rounding"] else None
+                apply_update_(w["p"], w["d"], w["lr"], w["weight_decay"], rounding)
 
     def _init_state(self, p, group):
         """The parameter's state, created on its first step: zero moments, factored for matrices."""
@@ -690,11 +718,11 @@ class _AdaptiveStepSize(_MLorcOptimizer):
             raise ValueError(f"{type(self).__name__}: all param groups must share one lr (or have "
                              f"lr=0, which freezes them); got {sorted(lrs)}")
 
-    def _step_param(self, p, index, group):
+    def _prepare(self, p, index, group):
         if group["lr"] > 0:
-            super()._step_param(p, index, group)
-        else:                                                    # lr = 0 freezes the group, but its
-            self._init_state(p, group)                           # state exists (DCP's init step)
+            return super()._prepare(p, index, group)
+        self._init_state(p, group)                   # lr = 0 freezes the group, but its state exists
+        return None                                  # (DCP's initializing step runs at lr = 0)
 
 
 class MLorc_Prodigy(_AdaptiveStepSize):
