@@ -69,7 +69,7 @@ import torch
 
 __all__ = [
     "MLorc_AdamW", "MLorc_Lion", "MLorc_Prodigy", "MLorc_DAdapt_Lion", "MLorc_Adopt", "MLorc_CAME",
-    "attach_fused_backward", "rsvd", "state_bytes",
+    "attach_fused_backward", "finetune_param_groups", "rsvd", "state_bytes",
 ]
 
 ATAN2_SCALE = 4 / math.pi  # Adam-atan2's a: makes the update's scale match Adam's for |m| ~ sqrt(v)
@@ -874,6 +874,30 @@ def attach_fused_backward(params, optimizer):
     handles = [p.register_post_accumulate_grad_hook(hook) for p in params if p.requires_grad]
     optimizer._fused_handles.extend(handles)
     return handles
+
+
+def finetune_param_groups(model, weight_decay=0.01, rank=4, dense_embeddings=False):
+    """Param groups the way fine-tuning recipes set them up: weight decay on matrices only (biases and
+    norm weights, every parameter with ndim < 2, get none), rank-r moments for the matrices, and with
+    dense_embeddings=True dense moments (rank=None) and no decay for the input and output embeddings,
+    whose rows are updated sparsely and are the least low-rank. Every trainable parameter lands in
+    exactly one group (tied weights once); frozen ones in none. Empty groups are left out.
+
+        opt = MLorc_AdamW(finetune_param_groups(model, weight_decay=0.01, rank=8), lr=1e-4)
+    """
+    embeddings = set()
+    if dense_embeddings:
+        heads = [model.get_output_embeddings()] if hasattr(model, "get_output_embeddings") else []
+        embeddings = {id(m.weight) for m in list(model.modules()) + heads
+                      if isinstance(m, torch.nn.Embedding) or (m is not None and m in heads)}
+    decay, no_decay, dense = [], [], []
+    for p in model.parameters():                      # parameters() yields a tied weight once
+        if p.requires_grad:
+            (dense if id(p) in embeddings else no_decay if p.ndim < 2 else decay).append(p)
+    groups = [dict(params=decay, weight_decay=weight_decay, rank=rank),
+              dict(params=no_decay, weight_decay=0.0, rank=rank),
+              dict(params=dense, weight_decay=0.0, rank=None)]
+    return [group for group in groups if group["params"]]
 
 
 def state_bytes(optimizer):
