@@ -57,8 +57,11 @@ Usage:
         opt.step()
         opt.zero_grad()
 
-The readable path below is one loop over parameters: each matrix needs its own SVD. `python mlorc.py`
-runs a small demo that prints the loss and the optimizer-state bytes of AdamW and MLorc side by side.
+Each matrix needs its own SVD: the pipeline below runs one parameter at a time ([M1]-[M6] in
+_prepare, [M4] and [M7] in _finish), and step() hands _finish batches of same-shape matrices so that
+their randomized SVDs run as a few batched calls (each matrix still draws from its own generator, so
+the result does not depend on the batching). `python mlorc.py` runs a small demo that prints the loss
+and the optimizer-state bytes of AdamW and MLorc side by side.
 """
 
 import math
