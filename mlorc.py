@@ -375,6 +375,10 @@ class _MLorcOptimizer(torch.optim.Optimizer):
             if p.is_complex():
                 raise ValueError(f"{type(self).__name__}: complex parameter of shape {tuple(p.shape)} "
                                  "is not supported; optimize torch.view_as_real(p) instead")
+            if _is_dtensor(p):
+                raise NotImplementedError(f"{type(self).__name__}: parameter of shape {tuple(p.shape)} "
+                                          "is a DTensor (FSDP2 / tensor parallel); sharded parameters "
+                                          "are not supported yet (DDP is)")
         super().add_param_group({**param_group, "params": params})
         self._index = None
 
@@ -546,6 +550,14 @@ def _as_tuple(x):
 
 def _is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_dtensor(p):
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:                              # torch built without distributed support
+        return False
+    return isinstance(p, DTensor)
 
 
 def _is_number(x):
