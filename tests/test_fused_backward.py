@@ -10,33 +10,9 @@ import pytest
 import torch
 
 import mlorc
+from variants import ADAPTIVE, NAMES, VARIANTS, make_opt
 
-VARIANTS = {
-    "AdamW": (mlorc.MLorc_AdamW, dict(lr=1e-2)),
-    "Lion": (mlorc.MLorc_Lion, dict(lr=1e-3)),
-    "Prodigy": (mlorc.MLorc_Prodigy, dict(lr=1.0, d0=1e-3, slice_p=3)),
-    "DAdapt_Lion": (mlorc.MLorc_DAdapt_Lion, dict(lr=1.0, d0=1e-3, slice_p=3)),
-    "Adopt": (mlorc.MLorc_Adopt, dict(lr=1e-2)),
-    "CAME": (mlorc.MLorc_CAME, dict(lr=1e-2)),
-}
-NAMES = list(VARIANTS)
-ADAPTIVE = ("Prodigy", "DAdapt_Lion")
 LOW_RANK = dict(rank=2, oversampling=1)      # 12 x 12 and 12 x 6 weights: sketched, not exact SVD
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a shared 2-core machine spinning threads
-    slowed these tests several-fold."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def make_opt(name, params, **options):
-    cls, defaults = VARIANTS[name]
-    return cls(params, **{**defaults, **options})
 
 
 def make_model(device="cpu"):

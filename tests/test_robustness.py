@@ -10,32 +10,7 @@ import pytest
 import torch
 
 import mlorc
-
-VARIANTS = {
-    "AdamW": (mlorc.MLorc_AdamW, dict(lr=1e-2)),
-    "Lion": (mlorc.MLorc_Lion, dict(lr=1e-3)),
-    "Prodigy": (mlorc.MLorc_Prodigy, dict(lr=1.0, d0=1e-3, slice_p=3)),
-    "DAdapt_Lion": (mlorc.MLorc_DAdapt_Lion, dict(lr=1.0, d0=1e-3, slice_p=3)),
-    "Adopt": (mlorc.MLorc_Adopt, dict(lr=1e-2)),
-    "CAME": (mlorc.MLorc_CAME, dict(lr=1e-2)),
-}
-NAMES = list(VARIANTS)
-ADAPTIVE = ("Prodigy", "DAdapt_Lion")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a shared 2-core machine spinning threads
-    slowed these tests several-fold."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def make_opt(name, params, **options):
-    cls, defaults = VARIANTS[name]
-    return cls(params, **{**defaults, **options})
+from variants import ADAPTIVE, NAMES, make_opt
 
 
 def make_params(shapes=((12, 10), (3, 4, 2, 2), (10,)), dtype=torch.float32, seed=0):
