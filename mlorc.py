@@ -65,14 +65,16 @@ and the optimizer-state bytes of AdamW and MLorc side by side.
 """
 
 import math
+import os
 import sys
 import time
+import warnings
 
 import torch
 
 __all__ = [
     "MLorc_AdamW", "MLorc_Lion", "MLorc_Prodigy", "MLorc_DAdapt_Lion", "MLorc_Adopt", "MLorc_CAME",
-    "attach_fused_backward", "finetune_param_groups", "rsvd", "state_bytes",
+    "attach_fused_backward", "extension_loaded", "finetune_param_groups", "rsvd", "state_bytes",
 ]
 
 ATAN2_SCALE = 4 / math.pi  # Adam-atan2's a: makes the update's scale match Adam's for |m| ~ sqrt(v)
@@ -155,15 +157,24 @@ def load_moment(state, name, shape):
     """[M1] The dense moment `name` from the state, reconstructed if it is factored."""
     if name in state:
         return state[name]
-    return reconstruct(state[name + "_U"], state[name + "_s"], state[name + "_Vh"]).view(shape)
+    return reconstruct(*factors(state, name)).view(shape)
+
+
+def negative_mean(v):
+    """[M2]'s c: the mean of |v| over the negative entries of v (0 if there are none). No host sync."""
+    negative = v < 0
+    return (v.abs() * negative).sum() / negative.sum().clamp(min=1)
+
+
+def factors(state, name):
+    """The (U, s, Vh) factors of the factored moment `name` (contiguous, as the extension wants)."""
+    return tuple(state[name + suffix].contiguous() for suffix in ("_U", "_s", "_Vh"))
 
 
 def repair_second_moment(v):
     """[M2] A low-rank reconstruction of a non-negative matrix can be negative: entries below 0 are
-    replaced by c, the mean of |v| over those entries (the paper's fix). No host sync."""
-    negative = v < 0
-    c = (v.abs() * negative).sum() / negative.sum().clamp(min=1)
-    return torch.where(negative, c, v)
+    replaced by c, the mean of |v| over those entries (the paper's fix)."""
+    return torch.where(v < 0, negative_mean(v), v)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -476,6 +487,10 @@ class _MLorcOptimizer(torch.optim.Optimizer):
             g, weight_decay = g + weight_decay * p.to(g.dtype), 0.0
         if group["use_orthograd"]:
             g = orthograd(p, g)
+        if self._fused_applies(p, state, group):        # the extension's one-pass twin of what follows
+            new = self._fused(p, g.contiguous(), state, group, step)
+            return dict(p=p, state=state, step=step, generator=generator, new=new, d=None, lr=0.0,
+                        weight_decay=0.0)
         prev = {name: load_moment(state, name, p.shape) for name in self.moments}         # [M1]
         for name in self.second_moments:
             if name + "_U" in state:
@@ -503,13 +518,24 @@ class _MLorcOptimizer(torch.optim.Optimizer):
                            [w["generator"] for w in factored])
             del A
             for i, w in enumerate(factored):          # clone: a view would pin the whole batch
-                w["new"].update({name + suffix: f[i].clone() for suffix, f in zip(("_U", "_s", "_Vh"), factors)})
+                w["new"].update({name + suffix: f[i].clone(memory_format=torch.contiguous_format)
+                                 for suffix, f in zip(("_U", "_s", "_Vh"), factors)})
         for w in batch:
             w["state"].update(w["new"])
             w["state"]["step"] = w["step"]
             if w["d"] is not None:                                                         # [M7]
                 rounding = w["generator"] if group["stochastic_rounding"] else None
                 apply_update_(w["p"], w["d"], w["lr"], w["weight_decay"], rounding)
+
+    def _fused_applies(self, p, state, group):
+        """Whether the extension's fused op (see `_fused`) covers this parameter's step: fp32 matrix
+        with factored moments, no option that changes the direction, extension loaded."""
+        return (self._fused is not None and p.dtype == torch.float32 and p.is_contiguous()
+                and all(name + "_U" in state for name in self.moments)
+                and not (group["use_grams"] or group["use_cautious"] or group["use_atan2"])
+                and load_extension())
+
+    _fused = None    # AdamW / Lion: one pass of [M1]-[M3], [M5]-[M7] in csrc/, returning the new moments
 
     def _init_state(self, p, group):
         """The parameter's state, created on its first step: zero moments, factored for matrices."""
@@ -590,6 +616,17 @@ class MLorc_AdamW(_MLorcOptimizer):
         d = adamw_direction(m, v, step, group["betas"], group["eps"], group["use_atan2"])  # [M5][M6]
         return d, group["lr"], {"exp_avg": m, "exp_avg_sq": v}
 
+    def _fused(self, p, g, state, group, step):
+        """mlorc::adamw_step_: _direction and [M7] in one pass over the matrix, moments rebuilt from
+        their factors entry by entry; returns the new dense moments for [M4]."""
+        (b1, b2), (rows, cols) = group["betas"], matrix_shape(p)
+        m, v = torch.empty(rows, cols, device=p.device), torch.empty(rows, cols, device=p.device)
+        shift = torch.ops.mlorc.negative_mean(*factors(state, "exp_avg_sq"))                # [M2]
+        torch.ops.mlorc.adamw_step_(p.view(rows, cols), g.view(rows, cols), *factors(state, "exp_avg"),
+                                    *factors(state, "exp_avg_sq"), shift, m, v, b1, b2, group["lr"],
+                                    group["weight_decay"], group["eps"], 1 - b1 ** step, 1 - b2 ** step)
+        return {"exp_avg": m.view(p.shape), "exp_avg_sq": v.view(p.shape)}
+
 
 class MLorc_Lion(_MLorcOptimizer):
     __doc__ = """Lion (lion_pytorch.Lion semantics) with a rank-r compressed momentum.
@@ -613,6 +650,15 @@ class MLorc_Lion(_MLorcOptimizer):
         g = clip_by_norm(g, group["clip_threshold"])
         d = lion_direction(prev["exp_avg"], g, b1)                                         # [M6]
         return d, group["lr"], {"exp_avg": prev["exp_avg"] * b2 + g * (1 - b2)}             # [M3]
+
+    def _fused(self, p, g, state, group, step):
+        """mlorc::lion_step_: _direction and [M7] in one pass; returns the new dense momentum."""
+        (b1, b2), (rows, cols) = group["betas"], matrix_shape(p)
+        m = torch.empty(rows, cols, device=p.device)
+        g = clip_by_norm(g, group["clip_threshold"])
+        torch.ops.mlorc.lion_step_(p.view(rows, cols), g.view(rows, cols), *factors(state, "exp_avg"), m,
+                                   b1, b2, group["lr"], group["weight_decay"])
+        return {"exp_avg": m.view(p.shape)}
 
 
 class MLorc_Adopt(_MLorcOptimizer):
@@ -863,6 +909,43 @@ class MLorc_DAdapt_Lion(_AdaptiveStepSize):
             d = max(d, weighted / ((1 - sqrt_b2) * sk_l1))
         for group in self.param_groups:
             group.update(d=d, numerator_weighted=weighted, k=group["k"] + 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fast path: the optional C++/CUDA extension in csrc/
+
+_extension = {}      # "loaded": bool, once load_extension() has decided
+
+
+def load_extension():
+    """Build csrc/ with torch's cpp_extension (ninja; cached, so only the first use compiles) and
+    register the torch.ops.mlorc operators. MLORC_EXTENSION=0: never; =1: required (a failed build
+    raises with the compiler's output); unset: used when it builds, else one warning and pure PyTorch.
+    The .cu kernels are compiled only when torch has CUDA."""
+    mode = os.environ.get("MLORC_EXTENSION", "")
+    if mode == "0":
+        return False
+    if "loaded" not in _extension:
+        from torch.utils import cpp_extension
+        here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+        sources = [os.path.join(here, "mlorc_ops.cpp")]
+        if torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None:
+            sources.append(os.path.join(here, "mlorc_cuda.cu"))
+        try:
+            cpp_extension.load(name="mlorc_ext", sources=sources, extra_cflags=["-O3"],
+                               extra_cuda_cflags=["-O3"], is_python_module=False)
+            _extension["loaded"] = True
+        except Exception as error:                # compiler missing, build error, no csrc/ beside us
+            if mode == "1":
+                raise RuntimeError(f"MLORC_EXTENSION=1 but the extension did not build: {error}") from error
+            warnings.warn(f"mlorc: the C++ extension is unavailable, using pure PyTorch ({error})")
+            _extension["loaded"] = False
+    return _extension["loaded"]
+
+
+def extension_loaded():
+    """Whether the C++/CUDA extension is in use (after the first step, or load_extension())."""
+    return _extension.get("loaded", False) and os.environ.get("MLORC_EXTENSION", "") != "0"
 
 
 # ----------------------------------------------------------------------------------------------------

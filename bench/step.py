@@ -5,7 +5,8 @@
 
 Each optimizer gets the same parameters and the same fixed random gradients; the first steps (lazy
 state init, warm-up) are not timed. Printed per optimizer: median step time, its ratio to the first
-optimizer in the list, optimizer-state bytes per parameter, and (CUDA) the peak memory the step
+optimizer in the list (torch AdamW), with MLorc in pure PyTorch ("pure") and with the C++/CUDA
+extension ("ext"), optimizer-state bytes per parameter, and (CUDA) the peak memory the step
 allocates beyond parameters, gradients and state.
 """
 import argparse
@@ -35,16 +36,19 @@ def llama_shapes(hidden, intermediate, layers, kv, vocab):
 
 
 def make_optimizers(device, rank):
-    fused_ok = device == "cuda"
-    return {
-        "torch AdamW fused" if fused_ok else "torch AdamW foreach":
-            lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True) if fused_ok
-            else torch.optim.AdamW(ps, lr=1e-4, foreach=True),
-        f"MLorc_AdamW r={rank}": lambda ps: mlorc.MLorc_AdamW(ps, lr=1e-4, rank=rank),
-        f"MLorc_AdamW r={rank} p=0 q=0": lambda ps: mlorc.MLorc_AdamW(ps, lr=1e-4, rank=rank,
-                                                                    oversampling=0, power_iters=0),
-        f"MLorc_Lion r={rank}": lambda ps: mlorc.MLorc_Lion(ps, lr=1e-5, rank=rank),
-    }
+    """name -> (constructor, MLORC_EXTENSION value while it steps)."""
+    fused_ok = device.startswith("cuda")
+    rows = {"torch AdamW fused" if fused_ok else "torch AdamW foreach":
+            (lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True) if fused_ok
+             else torch.optim.AdamW(ps, lr=1e-4, foreach=True), "0")}
+    for ext, label in (("0", "pure"), ("1", "ext")):
+        rows.update({
+            f"MLorc_AdamW r={rank} {label}": (lambda ps: mlorc.MLorc_AdamW(ps, lr=1e-4, rank=rank), ext),
+            f"MLorc_AdamW r={rank} p=0 q=0 {label}": (lambda ps: mlorc.MLorc_AdamW(
+                ps, lr=1e-4, rank=rank, oversampling=0, power_iters=0), ext),
+            f"MLorc_Lion r={rank} {label}": (lambda ps: mlorc.MLorc_Lion(ps, lr=1e-5, rank=rank), ext),
+        })
+    return rows
 
 
 def main():
@@ -72,9 +76,12 @@ def main():
           f"threads {torch.get_num_threads()}")
 
     rows = []
-    for name, make in make_optimizers(args.device, args.rank).items():
+    for name, (make, extension) in make_optimizers(args.device, args.rank).items():
         if args.only and not any(s in name for s in args.only.split(",")):
             continue
+        os.environ["MLORC_EXTENSION"] = extension
+        if extension == "1":
+            mlorc.load_extension()                     # build (or load the cached build) untimed
         opt = make(params)
         times = []
         for i in range(args.warmup + args.steps):
@@ -95,10 +102,10 @@ def main():
             torch.cuda.empty_cache()
 
     largest = max(p.numel() for p in params) * 4
-    print(f"\n{'optimizer':<28} {'step ms':>9} {'ratio':>7} {'state B/param':>14} {'step peak extra':>16}")
+    print(f"\n{'optimizer':<32} {'step ms':>9} {'ratio':>7} {'state B/param':>14} {'step peak extra':>16}")
     for name, seconds, per_param, peak in rows:
         peak_text = f"{peak / largest:.2f} x largest" if cuda else "n/a"
-        print(f"{name:<28} {seconds * 1e3:>9.1f} {seconds / rows[0][1]:>6.1f}x {per_param:>14.4f} "
+        print(f"{name:<32} {seconds * 1e3:>9.1f} {seconds / rows[0][1]:>6.1f}x {per_param:>14.4f} "
               f"{peak_text:>16}")
     if cuda:
         print(f"(largest matrix in fp32: {largest / 2**20:.0f} MiB)")

@@ -1,0 +1,132 @@
+// CUDA kernels of the mlorc operators (schemas and checks live in mlorc_ops.cpp). One thread per
+// matrix entry, launched on the current stream; the arithmetic is mlorc_kernels.h's, as on the CPU.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "mlorc_kernels.h"
+
+namespace mlorc {
+
+void check_factors(const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh, int64_t rows,
+                   int64_t cols, const char* what);
+void check_dense(const at::Tensor& t, int64_t rows, int64_t cols, const char* what);
+
+namespace {
+
+constexpr int kThreads = 256;
+
+int64_t blocks_for(int64_t n) { return (n + kThreads - 1) / kThreads; }
+
+// Per-block sums of |v| and counts over the negative entries, added into two doubles.
+__global__ void negative_mean_kernel(const float* U, const float* s, const float* Vh, int64_t r,
+                                     int64_t rows, int64_t cols, double* sums) {
+  __shared__ double block_sum[kThreads], block_count[kThreads];
+  const int64_t e = blockIdx.x * int64_t(kThreads) + threadIdx.x;
+  double sum = 0.0, count = 0.0;
+  if (e < rows * cols) {
+    const float value = lowrank_entry(U, s, Vh, r, e / cols, e % cols, cols);
+    if (value < 0.f) {
+      sum = -value;
+      count = 1.0;
+    }
+  }
+  block_sum[threadIdx.x] = sum;
+  block_count[threadIdx.x] = count;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) {
+      block_sum[threadIdx.x] += block_sum[threadIdx.x + stride];
+      block_count[threadIdx.x] += block_count[threadIdx.x + stride];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    atomicAdd(&sums[0], block_sum[0]);
+    atomicAdd(&sums[1], block_count[0]);
+  }
+}
+
+__global__ void adamw_kernel(AdamWArgs a, const float* shift, int64_t rows, int64_t cols, float* p,
+                             const float* g, const float* mU, const float* ms, const float* mVh,
+                             const float* vU, const float* vs, const float* vVh, float* m_out,
+                             float* v_out) {
+  const int64_t e = blockIdx.x * int64_t(kThreads) + threadIdx.x;
+  if (e >= rows * cols) return;
+  a.shift = *shift;
+  adamw_entry(a, e / cols, e % cols, cols, p, g, mU, ms, mVh, vU, vs, vVh, m_out, v_out);
+}
+
+__global__ void lion_kernel(LionArgs a, int64_t rows, int64_t cols, float* p, const float* g,
+                            const float* U, const float* s, const float* Vh, float* m_out) {
+  const int64_t e = blockIdx.x * int64_t(kThreads) + threadIdx.x;
+  if (e >= rows * cols) return;
+  lion_entry(a, e / cols, e % cols, cols, p, g, U, s, Vh, m_out);
+}
+
+}  // namespace
+
+at::Tensor negative_mean_cuda(const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh) {
+  const int64_t rows = U.size(0), cols = Vh.size(1);
+  check_factors(U, s, Vh, rows, cols, "negative_mean");
+  const c10::cuda::CUDAGuard guard(U.device());
+  at::Tensor sums = at::zeros({2}, U.options().dtype(at::kDouble));
+  if (rows * cols > 0) {
+    negative_mean_kernel<<<blocks_for(rows * cols), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        U.data_ptr<float>(), s.data_ptr<float>(), Vh.data_ptr<float>(), s.size(0), rows, cols,
+        sums.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return (sums[0] / sums[1].clamp_min(1.0)).to(at::kFloat);
+}
+
+void adamw_step_cuda(at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU,
+                     const at::Tensor& ms, const at::Tensor& mVh, const at::Tensor& vU,
+                     const at::Tensor& vs, const at::Tensor& vVh, const at::Tensor& shift,
+                     at::Tensor& m_out, at::Tensor& v_out, double beta1, double beta2, double lr,
+                     double weight_decay, double eps, double bc1, double bc2) {
+  const int64_t rows = param.size(0), cols = param.size(1);
+  check_dense(param, rows, cols, "param");
+  check_dense(grad, rows, cols, "grad");
+  check_dense(m_out, rows, cols, "m_out");
+  check_dense(v_out, rows, cols, "v_out");
+  check_factors(mU, ms, mVh, rows, cols, "exp_avg");
+  check_factors(vU, vs, vVh, rows, cols, "exp_avg_sq");
+  TORCH_CHECK(shift.numel() == 1 && shift.scalar_type() == at::kFloat, "mlorc: shift must be one float32");
+  if (rows * cols == 0) return;
+  const c10::cuda::CUDAGuard guard(param.device());
+  const AdamWArgs args = make_adamw_args(beta1, beta2, lr, weight_decay, eps, bc1, bc2, 0.f,
+                                         ms.size(0), vs.size(0));
+  adamw_kernel<<<blocks_for(rows * cols), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      args, shift.data_ptr<float>(), rows, cols, param.data_ptr<float>(), grad.data_ptr<float>(),
+      mU.data_ptr<float>(), ms.data_ptr<float>(), mVh.data_ptr<float>(), vU.data_ptr<float>(),
+      vs.data_ptr<float>(), vVh.data_ptr<float>(), m_out.data_ptr<float>(), v_out.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void lion_step_cuda(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U,
+                    const at::Tensor& s, const at::Tensor& Vh, at::Tensor& m_out, double beta1,
+                    double beta2, double lr, double weight_decay) {
+  const int64_t rows = param.size(0), cols = param.size(1);
+  check_dense(param, rows, cols, "param");
+  check_dense(grad, rows, cols, "grad");
+  check_dense(m_out, rows, cols, "m_out");
+  check_factors(U, s, Vh, rows, cols, "exp_avg");
+  if (rows * cols == 0) return;
+  const c10::cuda::CUDAGuard guard(param.device());
+  lion_kernel<<<blocks_for(rows * cols), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      make_lion_args(beta1, beta2, lr, weight_decay, s.size(0)), rows, cols, param.data_ptr<float>(),
+      grad.data_ptr<float>(), U.data_ptr<float>(), s.data_ptr<float>(), Vh.data_ptr<float>(),
+      m_out.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+TORCH_LIBRARY_IMPL(mlorc, CUDA, m) {
+  m.impl("negative_mean", &negative_mean_cuda);
+  m.impl("adamw_step_", &adamw_step_cuda);
+  m.impl("lion_step_", &lion_step_cuda);
+}
+
+}  // namespace mlorc
