@@ -14,15 +14,15 @@
 
 namespace mlorc {
 
+// The messages hold no numbers: on one CUDA build of torch (2.11, gcc 13), a TORCH_CHECK message
+// that streams an integer crashed the process instead of raising.
 void check_factors(const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh, int64_t rows,
                    int64_t cols, const char* what) {
   TORCH_CHECK(U.dim() == 2 && s.dim() == 1 && Vh.dim() == 2, "mlorc: ", what,
-              " factors must be U (m, r), s (r), Vh (r, n); got ", U.sizes(), ", ", s.sizes(), ", ",
-              Vh.sizes());
+              " factors must be U (m, r), s (r), Vh (r, n)");
   TORCH_CHECK(U.size(0) == rows && Vh.size(1) == cols && U.size(1) == s.size(0) &&
                   Vh.size(0) == s.size(0),
-              "mlorc: ", what, " factors ", U.sizes(), ", ", s.sizes(), ", ", Vh.sizes(),
-              " do not fit a (", rows, ", ", cols, ") matrix");
+              "mlorc: ", what, " factors U (m, r), s (r), Vh (r, n) do not fit the (m, n) matrix");
   TORCH_CHECK(U.scalar_type() == at::kFloat && s.scalar_type() == at::kFloat &&
                   Vh.scalar_type() == at::kFloat,
               "mlorc: ", what, " factors must be float32");
@@ -32,7 +32,7 @@ void check_factors(const at::Tensor& U, const at::Tensor& s, const at::Tensor& V
 
 void check_dense(const at::Tensor& t, int64_t rows, int64_t cols, const char* what) {
   TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "mlorc: ", what,
-              " must be a (", rows, ", ", cols, ") matrix; got ", t.sizes());
+              " must have the matrix's (m, n) shape");
   TORCH_CHECK(t.scalar_type() == at::kFloat, "mlorc: ", what, " must be float32");
   TORCH_CHECK(t.is_contiguous(), "mlorc: ", what, " must be contiguous");
 }
