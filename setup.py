@@ -10,16 +10,23 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.1"],
     extras_require={
+        # ninja builds the optional C++/CUDA extension in csrc/ on first use
+        "ext": ["ninja"],
         "test": [
             "pytest",
             "hypothesis",
             "numpy",
+            "ninja",
             # the uncompressed reference optimizers that the full-rank tests compare against
             "lion-pytorch",
             "prodigyopt",
             "dadaptation",
             "torch-adopt",
             "came-pytorch",
+            # Hugging Face Trainer integration tests
+            "transformers",
+            "accelerate",
+            "peft",
         ],
     },
     license="MIT",

@@ -7,6 +7,7 @@ single results differ by a few fp32 ulp (u = 6e-8): rtol 1e-5 leaves a 100x marg
 optimizer steps those differences feed back through the moments; measured parameter differences
 stay below 1e-6 at lr 1e-2, against atol 1e-5.
 """
+import contextlib
 import os
 import warnings
 
@@ -18,15 +19,27 @@ import mlorc
 pytestmark = pytest.mark.filterwarnings("ignore:mlorc. the C..")
 
 
+@contextlib.contextmanager
+def extension_mode(value):
+    """MLORC_EXTENSION set to `value` inside the block, restored (CI sets it for the session) after."""
+    old = os.environ.get("MLORC_EXTENSION")
+    os.environ["MLORC_EXTENSION"] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["MLORC_EXTENSION"]
+        else:
+            os.environ["MLORC_EXTENSION"] = old
+
+
 @pytest.fixture(scope="module")
 def ext():
-    os.environ["MLORC_EXTENSION"] = "1"
-    try:
-        mlorc.load_extension()
-    except RuntimeError as error:
-        pytest.skip(f"the extension does not build here: {error}")
-    finally:
-        del os.environ["MLORC_EXTENSION"]
+    with extension_mode("1"):
+        try:
+            mlorc.load_extension()
+        except RuntimeError as error:
+            pytest.skip(f"the extension does not build here: {error}")
     return torch.ops.mlorc
 
 
@@ -117,8 +130,7 @@ SHAPES = [(12, 10), (3, 4, 2, 2), (7,), (1, 9), (9, 1), (4, 3)]   # (4, 3) at ra
 
 
 def train(cls, extension, device, dtype=torch.float32, steps=20, **kwargs):
-    os.environ["MLORC_EXTENSION"] = extension
-    try:
+    with extension_mode(extension):
         gen = torch.Generator().manual_seed(0)
         params = [torch.randn(s, generator=gen).to(device, dtype).requires_grad_() for s in SHAPES]
         opt = cls(params, rank=4, oversampling=1, **kwargs)
@@ -128,8 +140,6 @@ def train(cls, extension, device, dtype=torch.float32, steps=20, **kwargs):
                 p.grad = (g.sign() * (g.abs() + 0.1)).to(device, dtype)   # no entry near 0: no sign flips
             opt.step()
         return params
-    finally:
-        del os.environ["MLORC_EXTENSION"]
 
 
 @pytest.mark.parametrize("cls,kwargs", [(mlorc.MLorc_AdamW, dict(lr=1e-2, weight_decay=0.1)),
