@@ -292,6 +292,26 @@ def apply_update_(p, d, lr, weight_decay, generator=None):
 # ----------------------------------------------------------------------------------------------------
 # Optimizer classes
 
+def _as_tuple(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_dtensor(p):
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:                              # torch built without distributed support
+        return False
+    return isinstance(p, DTensor)
+
+
+def _is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 COMMON_DOC = """
     Low-rank options (all per param group):
         rank (int or None, default 4): rank r of the compressed moments of parameters with ndim >= 2;
@@ -568,26 +588,6 @@ class _MLorcOptimizer(torch.optim.Optimizer):
             for name, value in entries.items():
                 if torch.is_tensor(value):
                     self.state[p][name] = value.to(p.device, copy=True)
-
-
-def _as_tuple(x):
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
-
-
-def _is_int(x):
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_dtensor(p):
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:                              # torch built without distributed support
-        return False
-    return isinstance(p, DTensor)
-
-
-def _is_number(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 class MLorc_AdamW(_MLorcOptimizer):
