@@ -328,7 +328,8 @@ COMMON_DOC = """
         maximize (bool, default False): maximize the objective.
         batch_bytes (int >= 0, default 2**30): step() compresses same-shape matrices of a group
             together in batched linear-algebra calls, holding up to about this many bytes of their
-            dense moments at once (0: one parameter at a time). Results do not depend on it.
+            dense moments at once, which raises the step's peak memory by about as much (0: one
+            parameter at a time). Results do not depend on it.
 """
 
 
@@ -955,12 +956,13 @@ def attach_fused_backward(params, optimizer):
     """Step each parameter during backward, as soon as its gradient is accumulated, and free the
     gradient right away: peak memory then holds one gradient, not all of them. This is the one place
     where a gradient is dropped. Gradient accumulation over several backward() calls cannot work
-    (each backward steps), and step(closure) is refused. Prodigy / D-Adapt Lion: call
-    optimizer.end_step() after each backward(). Returns the hook handles (call .remove() to detach).
+    (each backward steps), and step(closure) is refused. Call optimizer.step() after each backward():
+    it finds no gradients and only finishes the iteration (end_step(), which Prodigy / D-Adapt Lion
+    need). Returns the hook handles (call .remove() to detach).
 
         handles = mlorc.attach_fused_backward(model.parameters(), opt)
         loss.backward()          # parameters are updated here
-        opt.end_step()           # Prodigy / D-Adapt Lion only
+        opt.step()               # finishes the iteration
     """
     if isinstance(params, torch.nn.Module):
         params = params.parameters()
