@@ -78,6 +78,8 @@ __all__ = [
 ]
 
 ATAN2_SCALE = 4 / math.pi  # Adam-atan2's a: makes the update's scale match Adam's for |m| ~ sqrt(v)
+FUSED_MAX_RANK = 32        # the extension rebuilds each entry with an r-term loop: past a few dozen
+                           # terms the matmul of the pure path is faster
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -552,7 +554,8 @@ class _MLorcOptimizer(torch.optim.Optimizer):
         """Whether the extension's fused op (see `_fused`) covers this parameter's step: fp32 matrix
         with factored moments, no option that changes the direction, extension loaded."""
         return (self._fused is not None and p.dtype == torch.float32 and p.is_contiguous()
-                and all(name + "_U" in state for name in self.moments)
+                and all(name + "_U" in state and state[name + "_s"].numel() <= FUSED_MAX_RANK
+                        for name in self.moments)
                 and not (group["use_grams"] or group["use_cautious"] or group["use_atan2"])
                 and load_extension())
 
