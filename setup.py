@@ -28,6 +28,9 @@ setup(
             "accelerate",
             "peft",
         ],
+        # tutorial.ipynb: plotting, executing notebooks, and the GaLore / LoRA baselines it compares
+        "tutorial": ["matplotlib", "nbclient", "nbformat", "ipykernel", "galore-torch", "peft",
+                     "transformers"],
     },
     license="MIT",
 )
