@@ -115,9 +115,7 @@ def rsvd(A, rank, oversampling=0, power_iters=0, generator=None):
         U, s, Vh = torch.linalg.svd(A, full_matrices=False)
         return U[..., :k], s[..., :k], Vh[..., :k, :]
     generators = generator if isinstance(generator, (list, tuple)) else [generator]
-    omega = torch.stack([torch.randn(n, width, device=A.device, dtype=A.dtype, generator=g if g is not None
-                                     else torch.Generator(device=A.device).manual_seed(0))
-                         for g in generators]).view(*A.shape[:-2], n, width)
+    omega = gaussian_sketch(generators, n, width, A).view(*A.shape[:-2], n, width)
     Q = torch.linalg.qr(A @ omega).Q                              # (m, r + p): Householder, so an all-zero
     for _ in range(power_iters):                                  # or rank-deficient sketch stays finite
         Q = torch.linalg.qr(A.mT @ Q).Q                           # (n, r + p)
@@ -127,9 +125,59 @@ def rsvd(A, rank, oversampling=0, power_iters=0, generator=None):
     return Q @ U_small[..., :k], s[..., :k], W_h[..., :k, :] @ Q_B.mT
 
 
+def gaussian_sketch(generators, n, width, like):
+    """The test matrices Omega, (len(generators), n, width), each drawn from its own generator."""
+    return torch.stack([torch.randn(n, width, device=like.device, dtype=like.dtype,
+                                    generator=g if g is not None
+                                    else torch.Generator(device=like.device).manual_seed(0))
+                        for g in generators])
+
+
 def reconstruct(U, s, Vh):
     """[M1] The dense matrix (U * s) @ Vh of rank-r factors."""
     return (U * s) @ Vh
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reductions: every sum or mean over a parameter goes through one of these objects
+
+class Whole:
+    """Reductions over a whole tensor: on one process each method is the plain torch call. A parameter
+    split across ranks (FSDP2) gets a `Sharded` instead (last section), which completes the same
+    reductions across its ranks; the update rules below never need to know which one they hold."""
+    group = None         # the process group the parameter is split over (none)
+
+    def total(self, partial):
+        """Sums computed over this rank's entries (any tensor of them), completed: here already are."""
+        return partial
+
+    def mean(self, x, dim=None, over=None):
+        """Mean of x over `dim` (all entries if None). `over` names the parameter dim that `dim` of x
+        stands for, when x is a statistic with fewer dims than the parameter (default: dim)."""
+        return x.mean() if dim is None else x.mean(dim)
+
+    def subsample(self, x, every):
+        """Every `every`-th entry of the flattened x (Prodigy's and D-Adaptation's slice_p)."""
+        return x.reshape(-1)[::every]
+
+    def local(self, t):
+        """This rank's part of a parameter, gradient or state tensor."""
+        return t
+
+    def rsvd(self, A, rank, oversampling, power_iters, generators):
+        """[M4] of a batch (L, rows, cols) of this rank's matrices."""
+        return rsvd(A, rank, oversampling, power_iters, generators)
+
+    def wrap(self, state):
+        """New state entries, computed on local tensors, as they are stored."""
+        return state
+
+    def rounding(self, generator):
+        """The generator of stochastic rounding (the rest of the step's own stream)."""
+        return generator
+
+
+WHOLE = Whole()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -137,7 +185,7 @@ def reconstruct(U, s, Vh):
 
 def matrix_shape(p):
     """The natural (rows, cols) layout of a parameter: (out, in) for Linear, (out, in*kh*kw) for conv."""
-    return p.shape[0], p[0].numel()
+    return p.shape[0], math.prod(p.shape[1:])
 
 
 def state_dtype(p):
@@ -145,12 +193,14 @@ def state_dtype(p):
     return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
-def init_moment(p, rank):
-    """State entries of one zero moment: rank-r factors for matrices, a dense tensor otherwise."""
+def init_moment(p, rank, shape=None):
+    """State entries of one zero moment: rank-r factors for matrices, a dense tensor otherwise. When
+    p is one rank's shard, `shape` is the whole parameter's (it decides the rank kept)."""
     dtype = state_dtype(p)
     if p.ndim < 2 or rank is None:
         return {"": torch.zeros_like(p, dtype=dtype)}
-    (rows, cols), k = matrix_shape(p), min(rank, *matrix_shape(p))
+    rows, cols = matrix_shape(p)
+    k = min(rank, shape[0], math.prod(shape[1:])) if shape is not None else min(rank, rows, cols)
     return {"_U": p.new_zeros(rows, k, dtype=dtype), "_s": p.new_zeros(k, dtype=dtype),
             "_Vh": p.new_zeros(k, cols, dtype=dtype)}
 
@@ -162,10 +212,11 @@ def load_moment(state, name, shape):
     return reconstruct(*factors(state, name)).view(shape)
 
 
-def negative_mean(v):
+def negative_mean(v, shards=WHOLE):
     """[M2]'s c: the mean of |v| over the negative entries of v (0 if there are none). No host sync."""
     negative = v < 0
-    return (v.abs() * negative).sum() / negative.sum().clamp(min=1)
+    total, count = shards.total(torch.stack([(v.abs() * negative).sum(), negative.sum().to(v.dtype)]))
+    return total / count.clamp(min=1)
 
 
 def factors(state, name):
@@ -173,10 +224,10 @@ def factors(state, name):
     return tuple(state[name + suffix].contiguous() for suffix in ("_U", "_s", "_Vh"))
 
 
-def repair_second_moment(v):
+def repair_second_moment(v, shards=WHOLE):
     """[M2] A low-rank reconstruction of a non-negative matrix can be negative: entries below 0 are
     replaced by c, the mean of |v| over those entries (the paper's fix)."""
-    return torch.where(v < 0, negative_mean(v), v)
+    return torch.where(v < 0, negative_mean(v, shards), v)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -184,21 +235,23 @@ def repair_second_moment(v):
 
 # (a) gradient transforms
 
-def clip_by_norm(g, max_norm):
+def clip_by_norm(g, max_norm, shards=WHOLE):
     """Scale g so its L2 norm is at most max_norm (None: unchanged). Out of place: g may alias p.grad.
     The norm is taken in fp64: the fp32 norm of finite entries above ~1e19 overflows."""
     if max_norm is None:
         return g
-    norm = torch.linalg.vector_norm(g, dtype=torch.float64)
+    norm = shards.total(torch.linalg.vector_norm(g, dtype=torch.float64) ** 2).sqrt()
     return g * (max_norm / norm.clamp(min=max_norm)).to(g.dtype)
 
 
-def orthograd(w, g, eps=1e-30):
+def orthograd(w, g, eps=1e-30, shards=WHOLE):
     """OrthoGrad (arXiv 2501.04697): remove the component of g parallel to the weight w, then rescale
     to g's norm, so the step cannot simply grow or shrink the weight (naive loss minimization)."""
     w, g_flat = w.reshape(-1).double(), g.reshape(-1).double()    # fp64: |g|^2 overflows fp32 at 1e19
-    g_orth = g_flat - (w @ g_flat) / (w @ w + eps) * w
-    return (g_orth * (g_flat.norm() / (g_orth.norm() + eps))).view_as(g).to(g.dtype)
+    wg, ww, gg = shards.total(torch.stack([w @ g_flat, w @ w, g_flat @ g_flat]))
+    g_orth = g_flat - wg / (ww + eps) * w
+    scale = gg.sqrt() / (shards.total(g_orth @ g_orth).sqrt() + eps)
+    return (g_orth * scale).view_as(g).to(g.dtype)
 
 
 # (b) directions, one per variant
@@ -225,34 +278,36 @@ def adopt_normalize(g, v_prev, eps, clip, use_atan2):
     return normed if clip is None else normed.clamp(-clip, clip)
 
 
-def came_factored_rsqrt(row, col):
+def came_factored_rsqrt(row, col, shards=WHOLE):
     """CAME/Adafactor's rank-1 estimate of 1/sqrt(V) from the row and column means of V."""
-    return (row / row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1) * col.unsqueeze(-2).rsqrt()
+    row_mean = shards.mean(row, -1, over=-2).unsqueeze(-1)      # row's last dim is the parameter's -2
+    return (row / row_mean).rsqrt().unsqueeze(-1) * col.unsqueeze(-2).rsqrt()
 
 
-def came_direction(g, m_prev, stats, betas, eps, clip_threshold):
+def came_direction(g, m_prev, stats, betas, eps, clip_threshold, shards=WHOLE):
     """[M3][M6] CAME: Adafactor-normalized g with RMS clipping, its momentum m (the compressed moment),
     and the confidence-weighted direction. `stats` holds CAME's own second-moment statistics: row/col
     means for ndim >= 2, a dense exp_avg_sq otherwise. Returns (d, m, new_stats)."""
     b1, b2, b3 = betas
     sq = g * g + eps[0]
     if "exp_avg_sq_row" in stats:
-        row = stats["exp_avg_sq_row"] * b2 + sq.mean(dim=-1) * (1 - b2)
-        col = stats["exp_avg_sq_col"] * b2 + sq.mean(dim=-2) * (1 - b2)
-        u, new_stats = g * came_factored_rsqrt(row, col), {"exp_avg_sq_row": row, "exp_avg_sq_col": col}
+        row = stats["exp_avg_sq_row"] * b2 + shards.mean(sq, -1) * (1 - b2)
+        col = stats["exp_avg_sq_col"] * b2 + shards.mean(sq, -2) * (1 - b2)
+        u = g * came_factored_rsqrt(row, col, shards)
+        new_stats = {"exp_avg_sq_row": row, "exp_avg_sq_col": col}
     else:
         v = stats["exp_avg_sq"] * b2 + sq * (1 - b2)
         u, new_stats = g * v.rsqrt(), {"exp_avg_sq": v}
     if clip_threshold is not None:                                # cap the RMS of u at clip_threshold
-        u = u / (u.norm() / math.sqrt(u.numel()) / clip_threshold).clamp(min=1)
+        u = u / (shards.mean(u * u).sqrt() / clip_threshold).clamp(min=1)
     m = m_prev * b1 + u * (1 - b1)
     if "exp_avg_sq_row" not in stats:
         return m, m, new_stats
     res = (u - m) ** 2 + eps[1]                                   # instability: how far u is from m
-    res_row = stats["exp_avg_res_row"] * b3 + res.mean(dim=-1) * (1 - b3)
-    res_col = stats["exp_avg_res_col"] * b3 + res.mean(dim=-2) * (1 - b3)
+    res_row = stats["exp_avg_res_row"] * b3 + shards.mean(res, -1) * (1 - b3)
+    res_col = stats["exp_avg_res_col"] * b3 + shards.mean(res, -2) * (1 - b3)
     new_stats.update(exp_avg_res_row=res_row, exp_avg_res_col=res_col)
-    return came_factored_rsqrt(res_row, res_col) * m, m, new_stats
+    return came_factored_rsqrt(res_row, res_col, shards) * m, m, new_stats
 
 
 # (c) direction transforms
@@ -263,11 +318,11 @@ def grams(d, g):
     return g.sign() * d.abs()
 
 
-def cautious(d, g):
+def cautious(d, g, shards=WHOLE):
     """Cautious (arXiv 2411.16085): zero update entries whose sign disagrees with g, and rescale by
     the fraction kept so the mean step size is preserved."""
     mask = (d * g > 0).to(d.dtype)
-    return d * mask / mask.mean().clamp(min=1e-3)
+    return d * mask / shards.mean(mask).clamp(min=1e-3)
 
 
 # (d) apply
@@ -410,9 +465,7 @@ class _MLorcOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{type(self).__name__}: complex parameter of shape {tuple(p.shape)} "
                                  "is not supported; optimize torch.view_as_real(p) instead")
             if _is_dtensor(p):
-                raise NotImplementedError(f"{type(self).__name__}: parameter of shape {tuple(p.shape)} "
-                                          "is a DTensor (FSDP2 / tensor parallel); sharded parameters "
-                                          "are not supported yet (DDP is)")
+                Sharded(p, type(self).__name__)      # raises for layouts other than FSDP2's
         super().add_param_group({**param_group, "params": params})
         self._index = None
 
@@ -441,10 +494,16 @@ class _MLorcOptimizer(torch.optim.Optimizer):
         for index, p in params:
             if p.grad.is_sparse:
                 raise RuntimeError(f"{name}: parameter {index} has a sparse gradient; not supported")
-            by_device.setdefault(p.grad.device, []).append((index, p))
-        for items in by_device.values():
-            finite = torch.stack([torch.isfinite(p.grad).all() for _, p in items]).tolist()
-            for (index, p), ok in zip(items, finite):
+            shards = shards_of(p)
+            if shards is not WHOLE and getattr(p.grad, "placements", None) != p.placements:
+                raise RuntimeError(f"{name}: parameter {index}'s gradient is not split like the "
+                                   "parameter (expected a DTensor with the same placements)")
+            by_device.setdefault((p.grad.device, shards.group), []).append((index, p, shards))
+        for (_, process_group), items in by_device.items():
+            finite = torch.stack([torch.isfinite(shards.local(p.grad)).all() for _, p, shards in items])
+            if process_group is not None:         # every rank must raise, or the others would hang
+                finite = all_ranks(finite, process_group)
+            for (index, p, _), ok in zip(items, finite.tolist()):
                 if not ok:
                     raise RuntimeError(f"{name}: parameter {index} (shape {tuple(p.shape)}) has a "
                                        "non-finite gradient; parameters and state are unchanged")
@@ -475,7 +534,8 @@ class _MLorcOptimizer(torch.optim.Optimizer):
         buckets = {}
         for index, p in params:
             group = self._locate(p)[1]
-            key = (id(group), tuple(p.shape)) if p.ndim >= 2 else (id(group), index)
+            key = (id(group), tuple(p.shape), getattr(p, "placements", None)) if p.ndim >= 2 \
+                else (id(group), index)
             buckets.setdefault(key, (group, []))[1].append((index, p))
         for group, items in buckets.values():
             per_batch = max(1, group["batch_bytes"] // (4 * items[0][1].numel() * len(self.moments)))
@@ -499,32 +559,34 @@ class _MLorcOptimizer(torch.optim.Optimizer):
 
     def _prepare(self, p, index, group):
         """[M1]-[M6] of one parameter: its new dense state and its update; nothing is changed yet."""
-        state = self._init_state(p, group)
-        step = state["step"] + 1
+        shards = shards_of(p)                           # WHOLE, or how p is split across ranks
+        full_state = self._init_state(p, group, shards)
+        step = full_state["step"] + 1
         generator = sketch_generator(group["seed"], index, step, p.device)
-        g = p.grad.to(state_dtype(p))                  # aliases p.grad when fp32: only out-of-place ops
+        p, g = shards.local(p), shards.local(p.grad)   # from here on: this rank's part only
+        state = {key: shards.local(value) for key, value in full_state.items()}
+        g = g.to(state_dtype(p))                        # aliases p.grad when fp32: only out-of-place ops
         if group["maximize"]:
             g = -g
         weight_decay = group["weight_decay"]
         if not group.get("decouple", True):             # L2 decay (ADOPT / Prodigy with decouple=False)
             g, weight_decay = g + weight_decay * p.to(g.dtype), 0.0
         if group["use_orthograd"]:
-            g = orthograd(p, g)
-        if self._fused_applies(p, state, group):        # the extension's one-pass twin of what follows
-            new = self._fused(p, g.contiguous(), state, group, step)
-            return dict(p=p, state=state, step=step, generator=generator, new=new, d=None, lr=0.0,
-                        weight_decay=0.0)
+            g = orthograd(p, g, shards=shards)
+        work = dict(p=p, state=full_state, shards=shards, step=step, generator=generator)
+        if shards is WHOLE and self._fused_applies(p, state, group):   # the extension's one-pass twin
+            new = self._fused(p, g.contiguous(), state, group, step)  # of what follows
+            return dict(work, new=new, d=None, lr=0.0, weight_decay=0.0)
         prev = {name: load_moment(state, name, p.shape) for name in self.moments}         # [M1]
         for name in self.second_moments:
             if name + "_U" in state:
-                prev[name] = repair_second_moment(prev[name])                              # [M2]
-        d, lr, new = self._direction(p, g, prev, state, group, step)                       # [M3][M5][M6]
+                prev[name] = repair_second_moment(prev[name], shards)                      # [M2]
+        d, lr, new = self._direction(p, g, prev, state, group, step, shards)               # [M3][M5][M6]
         if d is not None and group["use_grams"]:
             d = grams(d, g)
         if d is not None and group["use_cautious"]:
-            d = cautious(d, g)
-        return dict(p=p, state=state, step=step, generator=generator, new=new, d=d, lr=lr,
-                    weight_decay=weight_decay)
+            d = cautious(d, g, shards)
+        return dict(work, new=new, d=d, lr=lr, weight_decay=weight_decay)
 
     def _finish(self, batch, group):
         """[M4] compress the new moments of a batch of same-shape parameters in batched calls (each
@@ -534,20 +596,20 @@ class _MLorcOptimizer(torch.optim.Optimizer):
             factored = [w for w in batch if name in w["new"] and name + "_U" in w["state"]]
             if not factored:
                 continue
-            matrices = [w["new"].pop(name).reshape(w["p"].shape[0], -1) for w in factored]
+            matrices = [w["new"].pop(name).reshape(matrix_shape(w["p"])) for w in factored]
             A = torch.stack(matrices) if len(matrices) > 1 else matrices[0].unsqueeze(0)  # (L, m, n)
             del matrices
-            factors = rsvd(A, group["rank"], group["oversampling"], group["power_iters"],    # [M4]
-                           [w["generator"] for w in factored])
+            factors = factored[0]["shards"].rsvd(A, group["rank"], group["oversampling"],      # [M4]
+                                                 group["power_iters"], [w["generator"] for w in factored])
             del A
             for i, w in enumerate(factored):          # clone: a view would pin the whole batch
                 w["new"].update({name + suffix: f[i].clone(memory_format=torch.contiguous_format)
                                  for suffix, f in zip(("_U", "_s", "_Vh"), factors)})
         for w in batch:
-            w["state"].update(w["new"])
+            w["state"].update(w["shards"].wrap(w["new"]))
             w["state"]["step"] = w["step"]
             if w["d"] is not None:                                                         # [M7]
-                rounding = w["generator"] if group["stochastic_rounding"] else None
+                rounding = w["shards"].rounding(w["generator"]) if group["stochastic_rounding"] else None
                 apply_update_(w["p"], w["d"], w["lr"], w["weight_decay"], rounding)
 
     def _fused_applies(self, p, state, group):
@@ -561,22 +623,24 @@ class _MLorcOptimizer(torch.optim.Optimizer):
 
     _fused = None    # AdamW / Lion: one pass of [M1]-[M3], [M5]-[M7] in csrc/, returning the new moments
 
-    def _init_state(self, p, group):
+    def _init_state(self, p, group, shards=WHOLE):
         """The parameter's state, created on its first step: zero moments, factored for matrices."""
         state = self.state[p]
         if not state:
-            state["step"] = 0
+            local, new = shards.local(p), {}
             for name in self.moments:
-                state.update({name + k: v for k, v in init_moment(p, group["rank"]).items()})
-            state.update(self._init_extra(p, group))
+                new.update({name + k: v for k, v in init_moment(local, group["rank"], p.shape).items()})
+            new.update(self._init_extra(local, group, shards))
+            state.update(step=0, **shards.wrap(new))
         return state
 
-    def _init_extra(self, p, group):
+    def _init_extra(self, p, group, shards):
         """Variant state beyond the low-rank moments (none by default)."""
         return {}
 
-    def _direction(self, p, g, prev, state, group, step):
-        """Return (direction d or None to skip the update, lr of the step, new dense state)."""
+    def _direction(self, p, g, prev, state, group, step, shards):
+        """Return (direction d or None to skip the update, lr of the step, new dense state). p, g and
+        state hold this rank's part; `shards` completes the reductions (see Whole)."""
         raise NotImplementedError
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -612,7 +676,7 @@ class MLorc_AdamW(_MLorcOptimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
                          **options)
 
-    def _direction(self, p, g, prev, state, group, step):
+    def _direction(self, p, g, prev, state, group, step, shards):
         """Adam, or its atan2 form, on the new dense moments."""
         b1, b2 = group["betas"]
         m = prev["exp_avg"].lerp(g, 1 - b1)                                                # [M3]
@@ -648,10 +712,10 @@ class MLorc_Lion(_MLorcOptimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay,
                                       clip_threshold=clip_threshold), **options)
 
-    def _direction(self, p, g, prev, state, group, step):
+    def _direction(self, p, g, prev, state, group, step, shards):
         """Lion: sign of b1 m~ + (1 - b1) g; the momentum then moves with b2."""
         b1, b2 = group["betas"]
-        g = clip_by_norm(g, group["clip_threshold"])
+        g = clip_by_norm(g, group["clip_threshold"], shards)
         d = lion_direction(prev["exp_avg"], g, b1)                                         # [M6]
         return d, group["lr"], {"exp_avg": prev["exp_avg"] * b2 + g * (1 - b2)}             # [M3]
 
@@ -685,7 +749,7 @@ class MLorc_Adopt(_MLorcOptimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       decouple=decouple, clip_exponent=clip_exponent), **options)
 
-    def _direction(self, p, g, prev, state, group, step):
+    def _direction(self, p, g, prev, state, group, step, shards):
         """ADOPT: normalize g by the previous v (or atan2), clip, then momentum; v last."""
         b1, b2 = group["betas"]
         if step == 1:
@@ -716,7 +780,7 @@ class MLorc_CAME(_MLorcOptimizer):
                                       clip_threshold=clip_threshold, weight_decay=weight_decay),
                          **options)
 
-    def _init_extra(self, p, group):
+    def _init_extra(self, p, group, shards):
         dtype = state_dtype(p)
         if p.ndim < 2:
             return {"exp_avg_sq": torch.zeros_like(p, dtype=dtype)}
@@ -726,11 +790,11 @@ class MLorc_CAME(_MLorcOptimizer):
                 "exp_avg_res_row": p.new_zeros(rows, dtype=dtype),
                 "exp_avg_res_col": p.new_zeros(cols, dtype=dtype)}
 
-    def _direction(self, p, g, prev, state, group, step):
+    def _direction(self, p, g, prev, state, group, step, shards):
         """CAME on the reconstructed m and CAME's own statistics."""
         stats = {key: state[key] for key in self.stats if key in state}
         d, m, new = came_direction(g, prev["exp_avg"], stats, group["betas"], group["eps"],
-                                   group["clip_threshold"])
+                                   group["clip_threshold"], shards)
         new["exp_avg"] = m
         return d, group["lr"], new
 
@@ -748,8 +812,8 @@ class _AdaptiveStepSize(_MLorcOptimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_terms", {})
 
-    def _init_extra(self, p, group):
-        return {"s": torch.zeros_like(p.reshape(-1)[::group["slice_p"]], dtype=state_dtype(p))}
+    def _init_extra(self, p, group, shards):
+        return {"s": torch.zeros_like(shards.subsample(p, group["slice_p"]), dtype=state_dtype(p))}
 
     def _take_sums(self):
         """The step's sums as floats, and whether anything was stepped. Summed in parameter order,
@@ -758,8 +822,8 @@ class _AdaptiveStepSize(_MLorcOptimizer):
         terms, self._terms = self._terms, {}
         if not terms:
             return 0.0, 0.0, False
-        device = next(iter(terms.values()))[0].device
-        stacked = torch.stack([torch.stack(terms[i]).to(device, torch.float64) for i in sorted(terms)])
+        device = next(iter(terms.values())).device
+        stacked = torch.stack([terms[i].to(device, torch.float64) for i in sorted(terms)])
         numerator, denominator = stacked.sum(dim=0).tolist()
         return numerator, denominator, True
 
@@ -784,9 +848,11 @@ class _AdaptiveStepSize(_MLorcOptimizer):
                              f"lr=0, which freezes them); got {sorted(lrs)}")
 
     def _prepare(self, p, index, group):
-        if group["lr"] > 0:
-            return super()._prepare(p, index, group)
-        self._init_state(p, group)                   # lr = 0 freezes the group, but its state exists
+        if group["lr"] > 0:                          # _direction returns this parameter's terms of
+            work = super()._prepare(p, index, group)  # the d estimate with the new state
+            self._terms[index] = work["new"].pop("terms")
+            return work
+        self._init_state(p, group, shards_of(p))     # lr = 0 freezes the group, but its state exists
         return None                                  # (DCP's initializing step runs at lr = 0)
 
 
@@ -822,9 +888,9 @@ class MLorc_Prodigy(_AdaptiveStepSize):
             safeguard_warmup=safeguard_warmup, d0=d0, d_coef=d_coef, growth_rate=growth_rate,
             slice_p=slice_p, d=d0, d_max=d0, d_numerator=0.0, k=0), **options)
 
-    def _init_extra(self, p, group):
-        p0 = p.reshape(-1)[::group["slice_p"]].to(state_dtype(p), copy=True)
-        return {**super()._init_extra(p, group), "p0": p0}
+    def _init_extra(self, p, group, shards):
+        p0 = shards.subsample(p, group["slice_p"]).to(state_dtype(p), copy=True)
+        return {**super()._init_extra(p, group, shards), "p0": p0}
 
     def _scalars(self):
         """(d, d0, dlr, beta3) at the start of this step, from the global state in group 0."""
@@ -835,20 +901,20 @@ class MLorc_Prodigy(_AdaptiveStepSize):
         beta3 = self._global("beta3") if self._global("beta3") is not None else math.sqrt(b2)
         return d, self._global("d0"), d * lr * bias_correction, beta3
 
-    def _direction(self, p, g, prev, state, group, step):
+    def _direction(self, p, g, prev, state, group, step, shards):
         """Prodigy: Adam on d-scaled moments, plus this parameter's terms of the d estimate."""
         (b1, b2), (d, d0, dlr, beta3) = group["betas"], self._scalars()
-        g_slice, p_slice = g.reshape(-1)[::group["slice_p"]], p.reshape(-1)[::group["slice_p"]]
-        numerator = (d / d0) * dlr * (g_slice @ (state["p0"] - p_slice.to(g.dtype)))
+        g_slice, p_slice = shards.subsample(g, group["slice_p"]), shards.subsample(p, group["slice_p"])
+        numerator = (d / d0) * dlr * (g_slice.reshape(-1) @ (state["p0"] - p_slice.to(g.dtype)).reshape(-1))
         s = state["s"] * beta3 + g_slice * ((d / d0) * (d if group["safeguard_warmup"] else dlr))
-        self._terms[self._locate(p)[0]] = (numerator, s.abs().sum())
+        terms = shards.total(torch.stack([numerator, s.abs().sum()]))
         m = prev["exp_avg"] * b1 + g * (d * (1 - b1))                                      # [M3]
         v = prev["exp_avg_sq"] * b2 + g * g * (d * d * (1 - b2))
         if group["use_atan2"]:
             direction = ATAN2_SCALE * torch.atan2(m, v.sqrt())                             # [M6]
         else:
             direction = m / (v.sqrt() + d * group["eps"])
-        return direction, dlr, {"exp_avg": m, "exp_avg_sq": v, "s": s}
+        return direction, dlr, {"exp_avg": m, "exp_avg_sq": v, "s": s, "terms": terms}
 
     def end_step(self):
         """Reduce this step's sums into the new d (prodigyopt's update rule) and store it."""
@@ -888,17 +954,18 @@ class MLorc_DAdapt_Lion(_AdaptiveStepSize):
                                       slice_p=slice_p, clip_threshold=clip_threshold, d=d0, k=0,
                                       numerator_weighted=0.0), **options)
 
-    def _direction(self, p, g, prev, state, group, step):
+    def _direction(self, p, g, prev, state, group, step, shards):
         """Lion's sign step at d lr; the momentum accumulates d lr g (as in dadaptation)."""
         b1, b2 = group["betas"]
         dlr, sqrt_b2 = self._global("d") * self._global("lr"), math.sqrt(b2)
-        g = clip_by_norm(g, group["clip_threshold"])
+        g = clip_by_norm(g, group["clip_threshold"], shards)
         d = lion_direction(prev["exp_avg"], g, b1)                                         # [M6]
-        d_slice = d.reshape(-1)[::group["slice_p"]]
-        numerator = dlr * (d_slice @ state["s"])
+        d_slice = shards.subsample(d, group["slice_p"])
+        numerator = dlr * (d_slice.reshape(-1) @ state["s"].reshape(-1))
         s = state["s"] * sqrt_b2 + d_slice * ((1 - sqrt_b2) * dlr)
-        self._terms[self._locate(p)[0]] = (numerator, s.abs().sum())
-        return d, dlr, {"exp_avg": prev["exp_avg"] * b2 + g * ((1 - b2) * dlr), "s": s}    # [M3]
+        terms = shards.total(torch.stack([numerator, s.abs().sum()]))
+        m = prev["exp_avg"] * b2 + g * ((1 - b2) * dlr)                                    # [M3]
+        return d, dlr, {"exp_avg": m, "s": s, "terms": terms}
 
     def end_step(self):
         """Reduce this step's sums into the new d (dadaptation's update rule) and store it."""
@@ -953,6 +1020,182 @@ def extension_loaded():
 
 
 # ----------------------------------------------------------------------------------------------------
+# Sharded parameters (FSDP2): each rank steps its own block of a parameter, never the whole of it
+#
+# fully_shard makes every parameter a DTensor: rank i holds a block of its rows (Shard(0), the
+# default) or, for a matrix, of its columns (Shard(1), via shard_placement_fn). The elementwise work
+# ([M1], [M3], [M5]-[M7]) runs on the block as it is, since U's rows (or Vh's columns) are split the
+# same way while s and the other factor are replicated. What crosses blocks are the reductions (norms,
+# means, [M2]'s c, Prodigy's sums: `Sharded` all-reduces them) and [M4], which `sharded_rsvd` runs
+# with all-reduces of (r + p)-wide matrices. None of this runs for ordinary tensors.
+
+def all_ranks(flags, group):
+    """Whether each flag holds on every rank of the process group (an all-reduce of the minimum)."""
+    flags = flags.to(torch.int32)
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN, group=group)
+    return flags.bool()
+
+
+def shards_of(p):
+    """How parameter p is split: WHOLE for an ordinary tensor, a `Sharded` for a DTensor."""
+    return Sharded(p) if _is_dtensor(p) else WHOLE
+
+
+class Sharded(Whole):
+    """A DTensor parameter split along one dim over one dim of its device mesh, in torch.chunk's
+    blocks (what fully_shard makes; other mesh dims, as in HSDP, must replicate it)."""
+
+    def __init__(self, p, owner="MLorc"):
+        from torch.distributed.tensor import Replicate, Shard
+        split = [(i, x.dim) for i, x in enumerate(p.placements) if type(x) is Shard]  # not _StridedShard
+        if len(split) != 1 or not all(type(x) in (Shard, Replicate) for x in p.placements):
+            raise NotImplementedError(f"{owner}: parameter of shape {tuple(p.shape)} has placements "
+                                      f"{p.placements}; only parameters split along one dim (FSDP2's "
+                                      "fully_shard, optionally with replicated mesh dims) are supported")
+        (self.mesh_dim, dim), self.mesh, self.shape, self.ndim = split[0], p.device_mesh, p.shape, p.ndim
+        self.dim = dim % p.ndim
+        if p.ndim > 2 and self.dim != 0:
+            raise NotImplementedError(f"{owner}: parameter of shape {tuple(p.shape)} is split along dim "
+                                      f"{self.dim}; parameters with more than 2 dims must be split along dim 0")
+        self.group = self.mesh.get_group(self.mesh_dim)
+        world, self.coord = self.mesh.size(self.mesh_dim), self.mesh.get_local_rank(self.mesh_dim)
+        size = p.shape[self.dim]
+        chunk = -(-size // world)
+        self.sizes = [max(0, min(chunk, size - i * chunk)) for i in range(world)]
+        self.offset = min(self.coord * chunk, size)
+        if p.to_local().shape[self.dim] != self.sizes[self.coord]:
+            raise NotImplementedError(f"{owner}: parameter of shape {tuple(p.shape)} is not split in "
+                                      "torch.chunk's blocks")
+
+    def total(self, partial):
+        partial = partial.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
+        torch.distributed.all_reduce(partial, group=self.group)
+        return partial
+
+    def mean(self, x, dim=None, over=None):
+        over = dim if over is None else over
+        if over is not None and over % self.ndim != self.dim:          # the split dim is not reduced
+            return x.mean(dim)
+        count = math.prod(self.shape) if dim is None else self.shape[over]
+        return self.total(x.sum() if dim is None else x.sum(dim)) / count
+
+    def subsample(self, x, every):
+        """Every `every`-th entry along a dim that is not split (the last, or the first when the last
+        is), so each rank holds its block of the sample; vectors are kept whole. With every > 1 this
+        samples other entries than one process does (the same ones with every = 1)."""
+        if x.ndim == 1:
+            return x
+        along = x.ndim - 1 if self.dim != x.ndim - 1 else 0
+        return x[(slice(None),) * along + (slice(None, None, every),)]
+
+    def local(self, t):
+        return t.to_local() if _is_dtensor(t) else t
+
+    def rsvd(self, A, rank, oversampling, power_iters, generators):
+        return sharded_rsvd(A, rank, oversampling, power_iters, generators, self)
+
+    def split_dim(self, name):
+        """The dim of state entry `name` that is split like the parameter (None: every rank has it all)."""
+        if name.endswith("_s"):                        # singular values
+            return None
+        if name.endswith("_U"):                        # U's rows are the parameter's rows
+            return 0 if self.dim == 0 else None
+        if name.endswith("_Vh"):                       # Vh's columns are the matrix's columns
+            return 1 if self.dim == 1 else None
+        if name.endswith("_row"):                      # CAME: means over the last dim
+            return None if self.dim == self.ndim - 1 else self.dim
+        if name.endswith("_col"):                      # CAME: means over dim -2
+            return None if self.dim == self.ndim - 2 else min(self.dim, self.ndim - 2)
+        return self.dim                                # parameter-shaped (or sub-sampled along another dim)
+
+    def wrap(self, state):
+        """Split entries become DTensors (so DCP saves every rank's block), replicated ones stay
+        tensors (DCP saves one copy)."""
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+        wrapped = {}
+        for name, value in state.items():
+            dim = self.split_dim(name)
+            if dim is None:
+                wrapped[name] = value
+                continue
+            shape = list(value.shape)
+            shape[dim] = self.shape[self.dim]
+            placements = [Replicate()] * self.mesh.ndim
+            placements[self.mesh_dim] = Shard(dim)
+            stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+            wrapped[name] = DTensor.from_local(value, self.mesh, placements, shape=torch.Size(shape),
+                                               stride=stride)
+        return wrapped
+
+    def rounding(self, generator):
+        """Each block draws its own noise: one shared stream would repeat the same noise on every block."""
+        seed = sketch_seed(generator.initial_seed(), self.coord, 0)
+        return torch.Generator(device=generator.device).manual_seed(seed)
+
+    def gather(self, A):
+        """The whole matrices of a batch of this rank's blocks (an all-gather: small matrices only)."""
+        axis = A.ndim - 2 if self.dim == 0 else A.ndim - 1
+        shape = list(A.shape)
+        shape[axis] = max(self.sizes)
+        padded = A.new_zeros(shape)                    # all_gather wants the same shape on every rank
+        padded.narrow(axis, 0, A.shape[axis]).copy_(A)
+        blocks = [torch.empty_like(padded) for _ in self.sizes]
+        torch.distributed.all_gather(blocks, padded, group=self.group)
+        return torch.cat([block.narrow(axis, 0, size) for block, size in zip(blocks, self.sizes)], dim=axis)
+
+    def block(self, t, axis):
+        """This rank's block of a whole (replicated) tensor along `axis`."""
+        return t.narrow(axis, self.offset, self.sizes[self.coord]).contiguous()
+
+
+def tsqr(Y, shards):
+    """Householder QR of tall matrices (L, m_i, w) whose rows are split across ranks in blocks of
+    shards.sizes (TSQR, Demmel, Grigori, Hoemmen and Langou 2012): QR of each block, an all-gather of
+    the small R factors, one QR of them stacked. Q = diag(Q_i) Q_stacked has orthonormal columns even
+    when Y is rank-deficient, which Cholesky-QR of the Gram matrix would not give."""
+    width = Y.shape[-1]
+    Q_block, R_block = torch.linalg.qr(Y)                    # (L, m_i, h_i), (L, h_i, w): h_i = min(m_i, w)
+    heights = [min(size, width) for size in shards.sizes]
+    padded = Y.new_zeros(*Y.shape[:-2], width, width)      # all_gather wants the same shape everywhere
+    padded[..., :R_block.shape[-2], :] = R_block
+    blocks = [torch.empty_like(padded) for _ in heights]
+    torch.distributed.all_gather(blocks, padded, group=shards.group)
+    Q_stacked, R = torch.linalg.qr(torch.cat([b[..., :h, :] for b, h in zip(blocks, heights)], dim=-2))
+    start = sum(heights[:shards.coord])
+    return Q_block @ Q_stacked[..., start:start + heights[shards.coord], :], R
+
+
+def sharded_rsvd(A, rank, oversampling, power_iters, generators, shards):
+    """[M4] of a batch of matrices split across ranks by rows (A is this rank's (L, m_i, n)) or by
+    columns ((L, m, n_i)), without gathering them. The same Omega and the same steps as rsvd, so the
+    factors are one process's up to rounding; U comes back split by rows or Vh by columns like A,
+    the rest replicated. Each step either keeps rows split (QR by TSQR) or all-reduces partial sums
+    of an (m or n) x (r + p) matrix (then QR on every rank)."""
+    m, n = shards.shape[0], math.prod(shards.shape[1:])
+    k, width, by_rows = min(rank, m, n), rank + oversampling, shards.dim == 0
+    if width >= min(m, n):              # the exact SVD, as rsvd does: the whole matrix is then
+        U, s, Vh = rsvd(shards.gather(A), rank, oversampling)      # at most width * max(m, n) floats
+        return (shards.block(U, -2), s, Vh) if by_rows else (U, s, shards.block(Vh, -1))
+    omega = gaussian_sketch(generators, n, width, A)               # every rank draws the whole Omega
+    if not by_rows:
+        omega = omega[..., shards.offset:shards.offset + A.shape[-1], :]
+
+    def orth(Y, split):                 # (Q, R) of a tall matrix split by rows, or held by every rank
+        return tsqr(Y, shards) if split else torch.linalg.qr(Y)
+
+    def summed(x, partial):             # x holds this rank's partial sums when `partial`
+        return shards.total(x) if partial else x
+
+    Q = orth(summed(A @ omega, not by_rows), by_rows)[0]           # Y = A Omega: (m, r + p)
+    for _ in range(power_iters):
+        Q = orth(summed(A.mT @ Q, by_rows), not by_rows)[0]        # (n, r + p)
+        Q = orth(summed(A @ Q, not by_rows), by_rows)[0]           # (m, r + p)
+    Q_B, R_B = orth(summed((Q.mT @ A).mT, by_rows), not by_rows)   # B^T = (Q^T A)^T = Q_B R_B
+    U_small, s, W_h = torch.linalg.svd(R_B.mT)                     # (r + p)^2, on every rank
+    return Q @ U_small[..., :k], s[..., :k], W_h[..., :k, :] @ Q_B.mT
+
+
+# ----------------------------------------------------------------------------------------------------
 # Fused backward pass and memory accounting
 
 def attach_fused_backward(params, optimizer):
@@ -969,6 +1212,10 @@ def attach_fused_backward(params, optimizer):
     """
     if isinstance(params, torch.nn.Module):
         params = params.parameters()
+    params = list(params)
+    if any(_is_dtensor(p) for p in params):
+        raise NotImplementedError("attach_fused_backward: FSDP2 sets sharded gradients after its "
+                                  "reduce-scatter, so no per-parameter hook sees them; use step()")
 
     def hook(p):
         optimizer.step_param(p)
@@ -1004,9 +1251,10 @@ def finetune_param_groups(model, weight_decay=0.01, rank=4, dense_embeddings=Fal
 
 
 def state_bytes(optimizer):
-    """Bytes of every tensor in the optimizer's state."""
-    return sum(t.numel() * t.element_size() for s in optimizer.state.values()
-               for t in s.values() if torch.is_tensor(t))
+    """Bytes of every tensor in the optimizer's state held by this process (a DTensor: its block)."""
+    local = [t.to_local() if _is_dtensor(t) else t for s in optimizer.state.values()
+             for t in s.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in local)
 
 
 # ----------------------------------------------------------------------------------------------------

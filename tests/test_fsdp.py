@@ -1,0 +1,190 @@
+"""FSDP2 (fully_shard, gloo, CPU, processes spawned by the test) equals one process.
+
+Every parameter is a DTensor split across the ranks: by rows (Shard(0), FSDP2's default, with uneven
+blocks and empty ones), by columns (Shard(1) through shard_placement_fn), and a 3-D parameter by its
+first dim. The optimizer steps each rank's block with the sharded randomized SVD and all-reduced norms,
+means and sums, so after STEPS steps the parameters must be those of one process on the global batch.
+
+Tolerance: the runs are in float64 and differ only in rounding: the reduce-scatter sums the ranks'
+gradients in another order than one backward over the whole batch, and TSQR and the all-reduced partial
+products round differently from one Householder QR and one matmul. Each is ~1e-16 relative; a
+truncated SVD turns a perturbation e of its input into about e / gap in its factors (gap: the relative
+distance between the last kept and the first dropped singular value) and the steps compound it.
+Measured with 2 and 4 ranks: at most 3e-14 relative (Prodigy, whose d feeds back into every step).
+1e-10 leaves room for other BLAS builds and still fails at once if a reduction is missing: with the
+all-reduce of partial sums removed the same runs differ by 1e-4 to 0.6.
+"""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import mlorc
+
+STEPS = 10
+CONFIGS = {
+    "AdamW": (mlorc.MLorc_AdamW, dict(lr=1e-2, rank=2, oversampling=1)),
+    "AdamW_options": (mlorc.MLorc_AdamW, dict(lr=1e-2, rank=3, oversampling=2, power_iters=0,
+                                              use_orthograd=True, use_cautious=True)),
+    "Lion": (mlorc.MLorc_Lion, dict(lr=1e-3, rank=2, clip_threshold=0.5)),
+    "Prodigy": (mlorc.MLorc_Prodigy, dict(lr=1.0, d0=1e-3, slice_p=1, rank=2)),
+    "DAdapt_Lion": (mlorc.MLorc_DAdapt_Lion, dict(lr=1.0, d0=1e-3, slice_p=1, rank=2, clip_threshold=1.0)),
+    "Adopt": (mlorc.MLorc_Adopt, dict(lr=1e-2, rank=2)),
+    "CAME": (mlorc.MLorc_CAME, dict(lr=1e-2, rank=2)),
+}
+
+
+class Block(torch.nn.Module):
+    """A 3-D parameter, used as a (5, 9) matrix: compressed in its natural (5, 3 * 3) layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(5, 3, 3) / 3)
+
+    def forward(self, x):
+        return x @ self.weight.reshape(5, 9).T
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(12, 7), torch.nn.Tanh(), torch.nn.Linear(7, 9),
+                               torch.nn.Tanh(), Block(), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()
+
+
+def shard(model, mesh):
+    """Layer 0's weight by columns, everything else by rows (9 rows over 4 ranks: 3, 3, 3, 0)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    by_columns = model[0].weight
+    for layer in (model[0], model[2], model[4], model[6]):
+        fully_shard(layer, mesh=mesh, shard_placement_fn=lambda p: Shard(1) if p is by_columns else None)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def global_batch(step):
+    gen = torch.Generator().manual_seed(100 + step)
+    return (torch.randn(16, 12, generator=gen, dtype=torch.float64),
+            torch.randn(16, 2, generator=gen, dtype=torch.float64))
+
+
+def train(model, opt, steps, rank=0, world=1, first=0):
+    for step in range(first, first + steps):
+        x, y = global_batch(step)
+        x, y = x.chunk(world)[rank], y.chunk(world)[rank]          # this rank's share of the batch
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def full(params):
+    return [p.full_tensor().detach() if hasattr(p, "full_tensor") else p.detach() for p in params]
+
+
+def worker(rank, world, port, out):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict, set_optimizer_state_dict)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (world,))
+    results = {}
+    for name, (cls, kwargs) in CONFIGS.items():
+        model = shard(make_model(), mesh)
+        opt = cls(model.parameters(), **kwargs)
+        train(model, opt, STEPS, rank, world)
+        results[name] = full(model.parameters())
+    # DCP: save after half the steps, load into a fresh model and optimizer, finish; Prodigy with
+    # slice_p = 3 also checks the sub-sampled state blocks.
+    for name, (cls, kwargs) in [("AdamW", CONFIGS["AdamW"]),
+                                ("Prodigy_slice3", (mlorc.MLorc_Prodigy, dict(lr=1.0, d0=1e-3, slice_p=3)))]:
+        half = STEPS // 2
+        model = shard(make_model(), mesh)
+        opt = cls(model.parameters(), **kwargs)
+        train(model, opt, half, rank, world)
+        dcp.save({"optim": get_optimizer_state_dict(model, opt), "model": model.state_dict()},
+                 checkpoint_id=f"{out}/ckpt_{name}")
+        uninterrupted = shard(make_model(), mesh)
+        uninterrupted_opt = cls(uninterrupted.parameters(), **kwargs)
+        train(uninterrupted, uninterrupted_opt, STEPS, rank, world)
+
+        resumed = shard(make_model(), mesh)
+        resumed_opt = cls(resumed.parameters(), **kwargs)
+        state = {"optim": get_optimizer_state_dict(resumed, resumed_opt), "model": resumed.state_dict()}
+        dcp.load(state, checkpoint_id=f"{out}/ckpt_{name}")
+        resumed.load_state_dict(state["model"])
+        set_optimizer_state_dict(resumed, resumed_opt, state["optim"])
+        train(resumed, resumed_opt, STEPS - half, rank, world, first=half)
+        results[f"dcp_{name}"] = (full(uninterrupted.parameters()), full(resumed.parameters()))
+        results[f"dcp_{name}_state_bytes"] = mlorc.state_bytes(resumed_opt)
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", params=[2, 4])
+def fsdp_results(request, tmp_path_factory):
+    world = request.param
+    out = tmp_path_factory.mktemp(f"fsdp{world}")
+    mp.start_processes(worker, args=(world, free_port(), str(out)), nprocs=world, start_method="spawn")
+    return world, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_fsdp2_equals_single_process(fsdp_results, name):
+    world, ranks = fsdp_results
+    for other in ranks[1:]:                                     # every rank gathers the same model
+        for a, b in zip(ranks[0][name], other[name]):
+            assert torch.equal(a, b)
+    cls, kwargs = CONFIGS[name]
+    model = make_model()
+    train(model, cls(model.parameters(), **kwargs), STEPS)
+    start = make_model()
+    for sharded, single, init in zip(ranks[0][name], model.parameters(), start.parameters()):
+        torch.testing.assert_close(sharded, single.detach(), rtol=1e-10, atol=1e-12)
+        assert not torch.equal(sharded, init.detach())                 # training moved them
+
+
+@pytest.mark.parametrize("name", ["AdamW", "Prodigy_slice3"])
+def test_fsdp2_dcp_resume_is_exact(fsdp_results, name):
+    """DCP save -> load into a fresh model and optimizer -> continue equals uninterrupted training,
+    bitwise: the state is restored exactly and the sketches derive from (seed, index, step)."""
+    world, ranks = fsdp_results
+    uninterrupted, resumed = ranks[0][f"dcp_{name}"]
+    for a, b in zip(uninterrupted, resumed):
+        assert torch.equal(a, b)
+    per_rank = [r[f"dcp_{name}_state_bytes"] for r in ranks]
+    assert per_rank[0] > 0 and sum(per_rank) > max(per_rank)       # the state is split, not copied
+
+
+def test_unsupported_layouts_are_refused_clearly():
+    """Placements other than one split dim, and a split 3-D parameter along dim 1, raise at
+    construction (naming the parameter's shape), as does the fused backward pass."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        for tensor, placements, message in [(torch.randn(4, 3), [Replicate()], "placements"),
+                                            (torch.randn(4, 3, 2), [Shard(1)], "split along dim 1")]:
+            p = torch.nn.Parameter(distribute_tensor(tensor, mesh, placements))
+            with pytest.raises(NotImplementedError, match=message):
+                mlorc.MLorc_AdamW([p])
+        p = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
+        opt = mlorc.MLorc_AdamW([p])
+        with pytest.raises(NotImplementedError, match="FSDP2"):
+            mlorc.attach_fused_backward([p], opt)
+    finally:
+        dist.destroy_process_group()
