@@ -6,8 +6,6 @@ end bitwise identical to each other; against the single process the gradient ave
 rounding (gloo sums the per-rank gradients in another order than one backward over the whole batch),
 so parameters are compared to a tolerance of fp32 rounding amplified by the steps: 1e-5 relative.
 """
-import os
-import socket
 
 import pytest
 import torch
@@ -40,9 +38,8 @@ def train(model, opt, rank=0, world=1):
         opt.step()
 
 
-def worker(rank, world, port, name, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def worker(rank, world, name, out):
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
     torch.set_num_threads(1)
     cls, kwargs = VARIANTS[name]
     model = torch.nn.parallel.DistributedDataParallel(make_model())
@@ -53,16 +50,10 @@ def worker(rank, world, port, name, out):
     dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("name", VARIANTS)
 def test_ddp_equals_single_process(name, tmp_path):
     world = 2
-    mp.start_processes(worker, args=(world, free_port(), name, str(tmp_path)), nprocs=world,
+    mp.start_processes(worker, args=(world, name, str(tmp_path)), nprocs=world,
                        start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     for a, b in zip(ranks[0]["params"], ranks[1]["params"]):           # ranks agree exactly

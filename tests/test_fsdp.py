@@ -14,8 +14,6 @@ Measured with 2 and 4 ranks: at most 3e-14 relative (Prodigy, whose d feeds back
 1e-10 leaves room for other BLAS builds and still fails at once if a reduction is missing: with the
 all-reduce of partial sums removed the same runs differ by 1e-4 to 0.6.
 """
-import os
-import socket
 
 import pytest
 import torch
@@ -85,13 +83,12 @@ def full(params):
     return [p.full_tensor().detach() if hasattr(p, "full_tensor") else p.detach() for p in params]
 
 
-def worker(rank, world, port, out):
+def worker(rank, world, out):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict, set_optimizer_state_dict)
     from torch.distributed.device_mesh import init_device_mesh
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
     torch.set_num_threads(1)
     mesh = init_device_mesh("cpu", (world,))
     results = {}
@@ -127,17 +124,11 @@ def worker(rank, world, port, out):
     dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=[2, 4])
 def fsdp_results(request, tmp_path_factory):
     world = request.param
     out = tmp_path_factory.mktemp(f"fsdp{world}")
-    mp.start_processes(worker, args=(world, free_port(), str(out)), nprocs=world, start_method="spawn")
+    mp.start_processes(worker, args=(world, str(out)), nprocs=world, start_method="spawn")
     return world, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
