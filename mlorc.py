@@ -60,8 +60,9 @@ Usage:
 Each matrix needs its own SVD: the pipeline below runs one parameter at a time ([M1]-[M6] in
 _prepare, [M4] and [M7] in _finish), and step() hands _finish batches of same-shape matrices so that
 their randomized SVDs run as a few batched calls (each matrix still draws from its own generator, so
-the result does not depend on the batching). `python mlorc.py` runs a small demo that prints the loss
-and the optimizer-state bytes of AdamW and MLorc side by side.
+the result does not depend on the batching). FSDP2's sharded parameters (DTensors) take the same
+pipeline on each rank's block; section "Sharded parameters" says what crosses ranks. `python mlorc.py`
+runs a small demo that prints the loss and the optimizer-state bytes of AdamW and MLorc side by side.
 """
 
 import math
@@ -1055,8 +1056,8 @@ class Sharded(Whole):
         (self.mesh_dim, dim), self.mesh, self.shape, self.ndim = split[0], p.device_mesh, p.shape, p.ndim
         self.dim = dim % p.ndim
         if p.ndim > 2 and self.dim != 0:
-            raise NotImplementedError(f"{owner}: parameter of shape {tuple(p.shape)} is split along dim "
-                                      f"{self.dim}; parameters with more than 2 dims must be split along dim 0")
+            raise NotImplementedError(f"{owner}: parameter of shape {tuple(p.shape)} is split along "
+                                      f"dim {self.dim}; one with more than 2 dims must be split along dim 0")
         self.group = self.mesh.get_group(self.mesh_dim)
         world, self.coord = self.mesh.size(self.mesh_dim), self.mesh.get_local_rank(self.mesh_dim)
         size = p.shape[self.dim]

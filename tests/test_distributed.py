@@ -47,6 +47,7 @@ def worker(rank, world, name, out):
     train(model, opt, rank, world)
     torch.save({"params": [p.detach() for p in model.module.parameters()],
                 "state": opt.state_dict()}, f"{out}/rank{rank}.pt")
+    dist.barrier()                            # no rank tears gloo down under another's feet
     dist.destroy_process_group()
 
 

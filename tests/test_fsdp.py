@@ -121,6 +121,7 @@ def worker(rank, world, out):
         results[f"dcp_{name}"] = (full(uninterrupted.parameters()), full(resumed.parameters()))
         results[f"dcp_{name}_state_bytes"] = mlorc.state_bytes(resumed_opt)
     torch.save(results, f"{out}/rank{rank}.pt")
+    dist.barrier()                            # no rank tears gloo down under another's feet
     dist.destroy_process_group()
 
 
