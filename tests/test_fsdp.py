@@ -34,6 +34,13 @@ CONFIGS = {
     "CAME": (mlorc.MLorc_CAME, dict(lr=1e-2, rank=2)),
 }
 
+HSDP = ["AdamW", "Prodigy", "CAME"]
+# DCP round trips; Prodigy with slice_p = 3 also checks the sub-sampled state blocks. "_full": the
+# gathered (full_state_dict=True) state dicts, loaded back into the sharded optimizer.
+RESUMED = {"AdamW": CONFIGS["AdamW"],
+           "Prodigy_slice3": (mlorc.MLorc_Prodigy, dict(lr=1.0, d0=1e-3, slice_p=3)),
+           "CAME_full": CONFIGS["CAME"]}
+
 
 class Block(torch.nn.Module):
     """A 3-D parameter, used as a (5, 9) matrix: compressed in its natural (5, 3 * 3) layout."""
@@ -83,9 +90,38 @@ def full(params):
     return [p.full_tensor().detach() if hasattr(p, "full_tensor") else p.detach() for p in params]
 
 
-def worker(rank, world, out):
+def resume(mesh, cls, kwargs, rank, world, path, full_state_dict):
+    """Train STEPS // 2 steps, save, load into a fresh model and optimizer and finish: through DCP
+    (sharded state dicts), or in memory with full (gathered) state dicts. Returns the parameters of
+    the uninterrupted and of the resumed run, and the optimizer state bytes of this rank."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=full_state_dict)
+    half = STEPS // 2
+    model = shard(make_model(), mesh)
+    opt = cls(model.parameters(), **kwargs)
+    train(model, opt, half, rank, world)
+    saved = {"optim": get_optimizer_state_dict(model, opt, options=options), "model": model.state_dict()}
+    if not full_state_dict:
+        dcp.save(saved, checkpoint_id=path)
+    uninterrupted = shard(make_model(), mesh)
+    uninterrupted_opt = cls(uninterrupted.parameters(), **kwargs)
+    train(uninterrupted, uninterrupted_opt, STEPS, rank, world)
+
+    resumed = shard(make_model(), mesh)
+    resumed_opt = cls(resumed.parameters(), **kwargs)
+    if not full_state_dict:
+        saved = {"optim": get_optimizer_state_dict(resumed, resumed_opt), "model": resumed.state_dict()}
+        dcp.load(saved, checkpoint_id=path)
+    resumed.load_state_dict(saved["model"])
+    set_optimizer_state_dict(resumed, resumed_opt, saved["optim"], options=options)
+    train(resumed, resumed_opt, STEPS - half, rank, world, first=half)
+    return full(uninterrupted.parameters()), full(resumed.parameters()), mlorc.state_bytes(resumed_opt)
+
+
+def worker(rank, world, out):
     from torch.distributed.device_mesh import init_device_mesh
 
     dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
@@ -97,29 +133,16 @@ def worker(rank, world, out):
         opt = cls(model.parameters(), **kwargs)
         train(model, opt, STEPS, rank, world)
         results[name] = full(model.parameters())
-    # DCP: save after half the steps, load into a fresh model and optimizer, finish; Prodigy with
-    # slice_p = 3 also checks the sub-sampled state blocks.
-    for name, (cls, kwargs) in [("AdamW", CONFIGS["AdamW"]),
-                                ("Prodigy_slice3", (mlorc.MLorc_Prodigy, dict(lr=1.0, d0=1e-3, slice_p=3)))]:
-        half = STEPS // 2
-        model = shard(make_model(), mesh)
-        opt = cls(model.parameters(), **kwargs)
-        train(model, opt, half, rank, world)
-        dcp.save({"optim": get_optimizer_state_dict(model, opt), "model": model.state_dict()},
-                 checkpoint_id=f"{out}/ckpt_{name}")
-        uninterrupted = shard(make_model(), mesh)
-        uninterrupted_opt = cls(uninterrupted.parameters(), **kwargs)
-        train(uninterrupted, uninterrupted_opt, STEPS, rank, world)
-
-        resumed = shard(make_model(), mesh)
-        resumed_opt = cls(resumed.parameters(), **kwargs)
-        state = {"optim": get_optimizer_state_dict(resumed, resumed_opt), "model": resumed.state_dict()}
-        dcp.load(state, checkpoint_id=f"{out}/ckpt_{name}")
-        resumed.load_state_dict(state["model"])
-        set_optimizer_state_dict(resumed, resumed_opt, state["optim"])
-        train(resumed, resumed_opt, STEPS - half, rank, world, first=half)
-        results[f"dcp_{name}"] = (full(uninterrupted.parameters()), full(resumed.parameters()))
-        results[f"dcp_{name}_state_bytes"] = mlorc.state_bytes(resumed_opt)
+    if world == 4:                      # HSDP: split over 2 ranks, replicated over the other 2
+        hsdp = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+        for name in HSDP:
+            cls, kwargs = CONFIGS[name]
+            model = shard(make_model(), hsdp)
+            train(model, cls(model.parameters(), **kwargs), STEPS, rank, world)
+            results[f"hsdp_{name}"] = full(model.parameters())
+    for name, (cls, kwargs) in RESUMED.items():
+        results[f"resume_{name}"] = resume(mesh, cls, kwargs, rank, world, f"{out}/ckpt_{name}",
+                                           full_state_dict=name.endswith("full"))
     torch.save(results, f"{out}/rank{rank}.pt")
     dist.barrier()                            # no rank tears gloo down under another's feet
     dist.destroy_process_group()
@@ -133,30 +156,46 @@ def fsdp_results(request, tmp_path_factory):
     return world, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
+def single_process(name):
+    cls, kwargs = CONFIGS[name]
+    model = make_model()
+    train(model, cls(model.parameters(), **kwargs), STEPS)
+    return [p.detach() for p in model.parameters()]
+
+
+def assert_equals_single_process(sharded, name):
+    start = make_model()
+    for ours, single, init in zip(sharded, single_process(name), start.parameters()):
+        torch.testing.assert_close(ours, single, rtol=1e-10, atol=1e-12)
+        assert not torch.equal(ours, init.detach())                    # training moved them
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_fsdp2_equals_single_process(fsdp_results, name):
     world, ranks = fsdp_results
     for other in ranks[1:]:                                     # every rank gathers the same model
         for a, b in zip(ranks[0][name], other[name]):
             assert torch.equal(a, b)
-    cls, kwargs = CONFIGS[name]
-    model = make_model()
-    train(model, cls(model.parameters(), **kwargs), STEPS)
-    start = make_model()
-    for sharded, single, init in zip(ranks[0][name], model.parameters(), start.parameters()):
-        torch.testing.assert_close(sharded, single.detach(), rtol=1e-10, atol=1e-12)
-        assert not torch.equal(sharded, init.detach())                 # training moved them
+    assert_equals_single_process(ranks[0][name], name)
 
 
-@pytest.mark.parametrize("name", ["AdamW", "Prodigy_slice3"])
-def test_fsdp2_dcp_resume_is_exact(fsdp_results, name):
-    """DCP save -> load into a fresh model and optimizer -> continue equals uninterrupted training,
+@pytest.mark.parametrize("name", HSDP)
+def test_hsdp_equals_single_process(fsdp_results, name):
+    world, ranks = fsdp_results
+    if world != 4:
+        pytest.skip("HSDP runs with 4 ranks (2 x 2 mesh)")
+    assert_equals_single_process(ranks[0][f"hsdp_{name}"], name)
+
+
+@pytest.mark.parametrize("name", RESUMED)
+def test_fsdp2_resume_is_exact(fsdp_results, name):
+    """save -> load into a fresh model and optimizer -> continue equals uninterrupted training,
     bitwise: the state is restored exactly and the sketches derive from (seed, index, step)."""
     world, ranks = fsdp_results
-    uninterrupted, resumed = ranks[0][f"dcp_{name}"]
+    uninterrupted, resumed, _ = ranks[0][f"resume_{name}"]
     for a, b in zip(uninterrupted, resumed):
         assert torch.equal(a, b)
-    per_rank = [r[f"dcp_{name}_state_bytes"] for r in ranks]
+    per_rank = [r[f"resume_{name}"][2] for r in ranks]
     assert per_rank[0] > 0 and sum(per_rank) > max(per_rank)       # the state is split, not copied
 
 
