@@ -121,7 +121,7 @@ def rsvd(A, rank, oversampling=0, power_iters=0, generator=None):
     for _ in range(power_iters):                                  # or rank-deficient sketch stays finite
         Q = torch.linalg.qr(A.mT @ Q).Q                           # (n, r + p)
         Q = torch.linalg.qr(A @ Q).Q                              # (m, r + p)
-    Q_B, R_B = torch.linalg.qr((Q.mT @ A).mT)                     # B = Q^T A = R_B^T Q_B^T: (r + p, n)
+    Q_B, R_B = torch.linalg.qr(A.mT @ Q)                          # B = Q^T A = R_B^T Q_B^T: (r + p, n)
     U_small, s, W_h = torch.linalg.svd(R_B.mT)                    # so only a (r + p)^2 SVD is needed
     return Q @ U_small[..., :k], s[..., :k], W_h[..., :k, :] @ Q_B.mT
 
@@ -593,8 +593,14 @@ class _MLorcOptimizer(torch.optim.Optimizer):
         """[M4] compress the new moments of a batch of same-shape parameters in batched calls (each
         with its own generator), commit the state, then [M7] apply each update."""
         batch = [work for work in batch if work is not None]
+        suffixes = ("_U", "_s", "_Vh")
         for name in self.moments:
             factored = [w for w in batch if name in w["new"] and name + "_U" in w["state"]]
+            for w in [w for w in factored if isinstance(w["new"][name], FusedMoment)]:
+                factors = rsvd(w["new"].pop(name), group["rank"], group["oversampling"],   # [M4], through
+                               group["power_iters"], [w["generator"]])                    # products only
+                w["new"].update({name + suffix: f.clone() for suffix, f in zip(suffixes, factors)})
+            factored = [w for w in factored if name in w["new"]]
             if not factored:
                 continue
             matrices = [w["new"].pop(name).reshape(matrix_shape(w["p"])) for w in factored]
@@ -605,7 +611,7 @@ class _MLorcOptimizer(torch.optim.Optimizer):
             del A
             for i, w in enumerate(factored):          # clone: a view would pin the whole batch
                 w["new"].update({name + suffix: f[i].clone(memory_format=torch.contiguous_format)
-                                 for suffix, f in zip(("_U", "_s", "_Vh"), factors)})
+                                 for suffix, f in zip(suffixes, factors)})
         for w in batch:
             w["state"].update(w["shards"].wrap(w["new"]))
             w["state"]["step"] = w["step"]
@@ -623,6 +629,15 @@ class _MLorcOptimizer(torch.optim.Optimizer):
                 and load_extension())
 
     _fused = None    # AdamW / Lion: one pass of [M1]-[M3], [M5]-[M7] in csrc/, returning the new moments
+
+    def _old_factors(self, state):
+        """The (U, s, Vh) of each moment, as the extension wants them."""
+        return [factors(state, name) for name in self.moments]
+
+    @staticmethod
+    def _sketched_on_cpu(p, group):
+        """Whether [M4] will sketch this CPU matrix, so the fused step can hand it FusedMoments."""
+        return p.device.type == "cpu" and group["rank"] + group["oversampling"] < min(matrix_shape(p))
 
     def _init_state(self, p, group, shards=WHOLE):
         """The parameter's state, created on its first step: zero moments, factored for matrices."""
@@ -687,13 +702,18 @@ class MLorc_AdamW(_MLorcOptimizer):
 
     def _fused(self, p, g, state, group, step):
         """mlorc::adamw_step_: _direction and [M7] in one pass over the matrix, moments rebuilt from
-        their factors entry by entry; returns the new dense moments for [M4]."""
+        their factors entry by entry; returns the new dense moments for [M4] (or, where they will
+        be sketched on the CPU, FusedMoments that [M4] reaches through products)."""
         (b1, b2), (rows, cols) = group["betas"], matrix_shape(p)
+        P, G, m_old, v_old = p.view(rows, cols), g.view(rows, cols), *self._old_factors(state)
+        shift = torch.ops.mlorc.negative_mean(*v_old)                                       # [M2]
+        scalars = (b1, b2, group["lr"], group["weight_decay"], group["eps"], 1 - b1 ** step, 1 - b2 ** step)
+        if self._sketched_on_cpu(p, group):
+            torch.ops.mlorc.adamw_update_(P, G, *m_old, *v_old, shift, *scalars)
+            return {"exp_avg": FusedMoment(m_old, G, b1),
+                    "exp_avg_sq": FusedMoment(v_old, G, b2, squared=True, shift=shift)}
         m, v = torch.empty(rows, cols, device=p.device), torch.empty(rows, cols, device=p.device)
-        shift = torch.ops.mlorc.negative_mean(*factors(state, "exp_avg_sq"))                # [M2]
-        torch.ops.mlorc.adamw_step_(p.view(rows, cols), g.view(rows, cols), *factors(state, "exp_avg"),
-                                    *factors(state, "exp_avg_sq"), shift, m, v, b1, b2, group["lr"],
-                                    group["weight_decay"], group["eps"], 1 - b1 ** step, 1 - b2 ** step)
+        torch.ops.mlorc.adamw_step_(P, G, *m_old, *v_old, shift, m, v, *scalars)
         return {"exp_avg": m.view(p.shape), "exp_avg_sq": v.view(p.shape)}
 
 
@@ -721,12 +741,17 @@ class MLorc_Lion(_MLorcOptimizer):
         return d, group["lr"], {"exp_avg": prev["exp_avg"] * b2 + g * (1 - b2)}             # [M3]
 
     def _fused(self, p, g, state, group, step):
-        """mlorc::lion_step_: _direction and [M7] in one pass; returns the new dense momentum."""
+        """mlorc::lion_step_: _direction and [M7] in one pass; returns the new dense momentum (or a
+        FusedMoment, as MLorc_AdamW._fused)."""
         (b1, b2), (rows, cols) = group["betas"], matrix_shape(p)
-        m = torch.empty(rows, cols, device=p.device)
         g = clip_by_norm(g, group["clip_threshold"])
-        torch.ops.mlorc.lion_step_(p.view(rows, cols), g.view(rows, cols), *factors(state, "exp_avg"), m,
-                                   b1, b2, group["lr"], group["weight_decay"])
+        P, G, (m_old,) = p.view(rows, cols), g.view(rows, cols), self._old_factors(state)
+        scalars = (b1, b2, group["lr"], group["weight_decay"])
+        if self._sketched_on_cpu(p, group):
+            torch.ops.mlorc.lion_update_(P, G, *m_old, *scalars)
+            return {"exp_avg": FusedMoment(m_old, G, b2)}
+        m = torch.empty(rows, cols, device=p.device)
+        torch.ops.mlorc.lion_step_(P, G, *m_old, m, *scalars)
         return {"exp_avg": m.view(p.shape)}
 
 
@@ -1004,7 +1029,7 @@ def load_extension():
         if torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None:
             sources.append(os.path.join(here, "mlorc_cuda.cu"))
         try:
-            cpp_extension.load(name="mlorc_ext", sources=sources, extra_cflags=["-O3"],
+            cpp_extension.load(name="mlorc_ext", sources=sources, extra_cflags=["-O3", "-fno-math-errno"],
                                extra_cuda_cflags=["-O3"], is_python_module=False)
             _extension["loaded"] = True
         except Exception as error:                # compiler missing, build error, no csrc/ beside us
@@ -1013,6 +1038,26 @@ def load_extension():
             warnings.warn(f"mlorc: the C++ extension is unavailable, using pure PyTorch ({error})")
             _extension["loaded"] = False
     return _extension["loaded"]
+
+
+class FusedMoment:
+    """[M3]'s new moment A = beta * old + (1 - beta) * g (g * g for v, whose rebuilt old entries get
+    [M2] first), which the extension's update pass never writes out. [M4]'s rsvd only needs the
+    products A @ X and A^T @ X: mlorc::moment_matmul computes them block by block from the old
+    factors and g, so the step holds no dense m x n moment at all (CPU only, for now)."""
+
+    def __init__(self, old, g, beta, squared=False, shift=None, transposed=False):
+        self.old, self.g, self.beta, self.squared, self.shift = old, g, beta, squared, shift
+        self.transposed, self.device, self.dtype = transposed, g.device, g.dtype
+        self.shape = g.shape[::-1] if transposed else g.shape
+
+    @property
+    def mT(self):
+        return FusedMoment(self.old, self.g, self.beta, self.squared, self.shift, not self.transposed)
+
+    def __matmul__(self, X):
+        return torch.ops.mlorc.moment_matmul(*self.old, self.g, self.beta, self.squared, self.shift,
+                                             X, self.transposed)
 
 
 def extension_loaded():

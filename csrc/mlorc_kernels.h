@@ -41,34 +41,49 @@ MLORC_HD float lowrank_entry(const float* U, const float* s, const float* Vh, in
   return value;
 }
 
-// MLorc_AdamW at entry (i, j): [M1] rebuild, [M2] repair, [M3] EMA, [M5][M6] Adam, [M7] apply.
+// [M2] repair, [M3] EMA, [M5][M6] Adam, [M7] apply at one entry, from its rebuilt m~ and v~.
+MLORC_HD void adamw_update(const AdamWArgs& a, float& p, float g, float m_prev, float v_prev,
+                           float& m, float& v) {
+  if (v_prev < 0.f) v_prev = a.shift;
+  m = m_prev * a.beta1 + g * (1.f - a.beta1);
+  v = v_prev * a.beta2 + g * g * (1.f - a.beta2);
+  const float d = (m / a.bc1) / (sqrtf(v) / a.sqrt_bc2 + a.eps);
+  p = p * a.decay - a.lr * d;
+}
+
+// MLorc_AdamW at entry (i, j): [M1] rebuild, then adamw_update.
 MLORC_HD void adamw_entry(const AdamWArgs& a, int64_t i, int64_t j, int64_t cols, float* p,
                           const float* g, const float* mU, const float* ms, const float* mVh,
                           const float* vU, const float* vs, const float* vVh, float* m_out,
                           float* v_out) {
   const int64_t e = i * cols + j;
-  const float gij = g[e];
-  float v_prev = lowrank_entry(vU, vs, vVh, a.rank_v, i, j, cols);
-  if (v_prev < 0.f) v_prev = a.shift;
-  const float m = lowrank_entry(mU, ms, mVh, a.rank_m, i, j, cols) * a.beta1 + gij * (1.f - a.beta1);
-  const float v = v_prev * a.beta2 + gij * gij * (1.f - a.beta2);
-  const float d = (m / a.bc1) / (sqrtf(v) / a.sqrt_bc2 + a.eps);
-  p[e] = p[e] * a.decay - a.lr * d;
-  m_out[e] = m;
-  v_out[e] = v;
+  const float v_prev = lowrank_entry(vU, vs, vVh, a.rank_v, i, j, cols);
+  const float m_prev = lowrank_entry(mU, ms, mVh, a.rank_m, i, j, cols);
+  adamw_update(a, p[e], g[e], m_prev, v_prev, m_out[e], v_out[e]);
 }
 
-// MLorc_Lion at entry (i, j): [M1] rebuild, [M6] sign step, [M3] momentum, [M7] apply.
+// [M6] sign step, [M3] momentum, [M7] apply at one entry, from its rebuilt m~.
+MLORC_HD void lion_update(const LionArgs& a, float& p, float g, float m_prev, float& m) {
+  const float c = m_prev * a.beta1 + g * (1.f - a.beta1);
+  const float d = float(c > 0.f) - float(c < 0.f);     // sign(c), branch-free: the signs are random
+  p = p * a.decay - a.lr * d;
+  m = m_prev * a.beta2 + g * (1.f - a.beta2);
+}
+
+// MLorc_Lion at entry (i, j): [M1] rebuild, then lion_update.
 MLORC_HD void lion_entry(const LionArgs& a, int64_t i, int64_t j, int64_t cols, float* p,
                          const float* g, const float* U, const float* s, const float* Vh,
                          float* m_out) {
   const int64_t e = i * cols + j;
-  const float gij = g[e];
-  const float m_prev = lowrank_entry(U, s, Vh, a.rank, i, j, cols);
-  const float c = m_prev * a.beta1 + gij * (1.f - a.beta1);
-  const float d = c > 0.f ? 1.f : (c < 0.f ? -1.f : 0.f);
-  p[e] = p[e] * a.decay - a.lr * d;
-  m_out[e] = m_prev * a.beta2 + gij * (1.f - a.beta2);
+  lion_update(a, p[e], g[e], lowrank_entry(U, s, Vh, a.rank, i, j, cols), m_out[e]);
+}
+
+// One entry of a new moment from its rebuilt old value: beta * old + (1 - beta) * g (g * g for a
+// second moment, whose old value gets the [M2] repair first). The same expressions as the updates
+// above, so the products of moment_matmul see exactly the moments an update pass would write.
+MLORC_HD float moment_entry(float old, float g, float beta, bool squared, bool repair, float shift) {
+  if (repair && old < 0.f) old = shift;
+  return squared ? old * beta + g * g * (1.f - beta) : old * beta + g * (1.f - beta);
 }
 
 }  // namespace mlorc

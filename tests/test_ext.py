@@ -92,6 +92,80 @@ def _test_lion_step(ops, device):
         torch.testing.assert_close(p, expected, rtol=1e-5, atol=1e-6)
 
 
+def dense_moment(old, g, beta, squared=False, shift=None):
+    """The Python twin of the moment that moment_matmul multiplies: [M1], [M2] if shift, [M3]."""
+    rebuilt = mlorc.reconstruct(*old)
+    if shift is not None:
+        rebuilt = torch.where(rebuilt < 0, shift, rebuilt)
+    return rebuilt * beta + (g * g if squared else g) * (1 - beta)
+
+
+def test_update_ops_are_the_step_ops_without_moments(ext):
+    """adamw_update_ / lion_update_ (CPU) move the parameter exactly as adamw_step_ / lion_step_."""
+    for case in sample_inputs("cpu"):
+        shift = ext.negative_mean(*case["v"])
+        scalars = (0.9, 0.99, 1e-2, 0.1, 1e-8, 0.1, 0.01)
+        p_step, p_update = case["p"].clone(), case["p"].clone()
+        ext.adamw_step_(p_step, case["g"], *case["m"], *case["v"], shift, torch.empty_like(p_step),
+                        torch.empty_like(p_step), *scalars)
+        ext.adamw_update_(p_update, case["g"], *case["m"], *case["v"], shift, *scalars)
+        assert torch.equal(p_step, p_update)
+        p_step, p_update = case["p"].clone(), case["p"].clone()
+        ext.lion_step_(p_step, case["g"], *case["m"], torch.empty_like(p_step), 0.9, 0.99, 1e-2, 0.1)
+        ext.lion_update_(p_update, case["g"], *case["m"], 0.9, 0.99, 1e-2, 0.1)
+        assert torch.equal(p_step, p_update)
+
+
+# (rows, cols): one block of rows, a few blocks with a short last one, more blocks than the 8 ranges
+# that the transposed product sums separately
+@pytest.mark.parametrize("rows,cols", [(12, 10), (300, 100), (5000, 64)])
+def test_moment_matmul_matches_the_dense_product(ext, rows, cols):
+    """Both products sum the same terms in another order (row blocks, BLAS), so each result differs by
+    rounding relative to the sum of the terms' magnitudes, |A| @ |X|: measured at most 2.4e-7 of it
+    (4 u, u = 6e-8), bounded by about sqrt(n) u = 4e-6 for n = 5000 terms. 1e-5 of it still catches
+    a wrong block, beta or repair, which moves results by ~1 / sqrt(n) = 1e-2 of it or more."""
+    gen = torch.Generator().manual_seed(rows)
+    old = (torch.randn(rows, 4, generator=gen), torch.rand(4, generator=gen),
+           torch.randn(4, cols, generator=gen))
+    g = torch.randn(rows, cols, generator=gen)
+    for squared, shift in [(False, None), (True, ext.negative_mean(*old))]:
+        A = dense_moment(old, g, 0.9, squared, shift)
+        X_cols = torch.linalg.qr(torch.randn(cols, 6, generator=gen)).Q      # column-major, as rsvd's
+        X_rows = torch.randn(rows, 6, generator=gen)
+        for transposed, X, expected, scale in [(False, X_cols, A @ X_cols, A.abs() @ X_cols.abs()),
+                                               (True, X_rows, A.T @ X_rows, A.abs().T @ X_rows.abs())]:
+            ours = ext.moment_matmul(*old, g, 0.9, squared, shift, X, transposed)
+            assert ((ours - expected).abs() <= 1e-5 * scale).all()
+
+
+def test_moment_matmul_does_not_depend_on_the_thread_count(ext):
+    gen = torch.Generator().manual_seed(1)
+    old = (torch.randn(5000, 4, generator=gen), torch.rand(4, generator=gen),
+           torch.randn(4, 64, generator=gen))
+    g, X = torch.randn(5000, 64, generator=gen), torch.randn(5000, 6, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(ext.moment_matmul(*old, g, 0.9, True, None, X, True))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+def test_new_ops_pass_opcheck(ext):
+    case = next(iter(sample_inputs("cpu")))
+    p, g = case["p"].clone(), case["g"]
+    shift = ext.negative_mean(*case["v"])
+    scalars = (0.9, 0.99, 1e-2, 0.1, 1e-8, 0.1, 0.01)
+    torch.library.opcheck(ext.adamw_update_, (p, g, *case["m"], *case["v"], shift, *scalars))
+    torch.library.opcheck(ext.lion_update_, (p, g, *case["m"], 0.9, 0.99, 1e-2, 0.1))
+    for transposed, X in [(False, torch.randn(p.shape[1], 3)), (True, torch.randn(p.shape[0], 3))]:
+        torch.library.opcheck(ext.moment_matmul, (*case["v"], g, 0.9, True, shift, X, transposed))
+        torch.library.opcheck(ext.moment_matmul, (*case["m"], g, 0.9, False, None, X, transposed))
+
+
 def _test_opcheck(ops, device):
     case = next(iter(sample_inputs(device)))
     p, g = case["p"].clone(), case["g"]
@@ -151,6 +225,27 @@ def test_optimizer_with_extension_matches_pure_pytorch(ext, cls, kwargs, device)
     for a, b, s in zip(pure, fused, start):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
         assert not torch.equal(a, s)
+
+
+@pytest.mark.parametrize("power_iters", [0, 2])
+@pytest.mark.parametrize("cls", [mlorc.MLorc_AdamW, mlorc.MLorc_Lion], ids=["AdamW", "Lion"])
+def test_products_only_compression_matches_pure_pytorch(ext, cls, power_iters):
+    """On the CPU the fused step never writes the new moments: [M4] sketches them through
+    moment_matmul. Matrices of several row blocks, at every power_iters, agree with the pure path
+    to the tolerance above (the rsvd of the same moments, computed in another order)."""
+    def run(extension):
+        with extension_mode(extension):
+            gen = torch.Generator().manual_seed(0)
+            params = [torch.randn(s, generator=gen).requires_grad_() for s in [(700, 48), (40, 300)]]
+            opt = cls(params, lr=1e-2, rank=3, oversampling=2, power_iters=power_iters)
+            for _ in range(10):
+                for p in params:
+                    g = torch.randn(p.shape, generator=gen)
+                    p.grad = g.sign() * (g.abs() + 0.1)
+                opt.step()
+            return params
+    for a, b in zip(run("0"), run("1")):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_parameters_take_the_python_path(ext):
