@@ -1012,25 +1012,51 @@ class MLorc_DAdapt_Lion(_AdaptiveStepSize):
 # Fast path: the optional C++/CUDA extension in csrc/
 
 _extension = {}      # "loaded": bool, once load_extension() has decided
+CXX_FLAGS = ["-O3", "-fno-math-errno"]    # no errno from sqrtf: lets the per-entry loops vectorize
+CUDA_FLAGS = ["-O3"]
+
+
+def extension_sources(with_cuda):
+    """The csrc/ files to compile (setup.py builds the same ones ahead of time)."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+    cuda = [os.path.join(here, "mlorc_cuda.cu")] if with_cuda else []
+    return [os.path.join(here, "mlorc_ops.cpp")] + cuda
+
+
+def prebuilt_extension():
+    """The library that `MLORC_BUILD_EXT=1 pip install` (setup.py) built beside this file, unless a
+    csrc/ source beside it is newer (then it is stale and the JIT build runs instead)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    found = sorted(f for f in os.listdir(here) if f.startswith("mlorc_ext") and f.endswith((".so", ".pyd")))
+    if not found:
+        return None
+    library = os.path.join(here, found[0])
+    sources = [path for path in extension_sources(with_cuda=True) if os.path.exists(path)]
+    if any(os.path.getmtime(path) > os.path.getmtime(library) for path in sources):
+        return None
+    return library
 
 
 def load_extension():
-    """Build csrc/ with torch's cpp_extension (ninja; cached, so only the first use compiles) and
-    register the torch.ops.mlorc operators. MLORC_EXTENSION=0: never; =1: required (a failed build
-    raises with the compiler's output); unset: used when it builds, else one warning and pure PyTorch.
-    The .cu kernels are compiled only when torch has CUDA."""
+    """Register the torch.ops.mlorc operators: from the library setup.py built ahead of time if there
+    is one, else by building csrc/ with torch's cpp_extension (ninja; cached, so only the first use
+    compiles). MLORC_EXTENSION=0: never; =1: required (a failed build raises with the compiler's
+    output); unset: used when it builds, else one warning and pure PyTorch. The .cu kernels are
+    compiled only when torch has CUDA."""
     mode = os.environ.get("MLORC_EXTENSION", "")
     if mode == "0":
         return False
     if "loaded" not in _extension:
         from torch.utils import cpp_extension
-        here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-        sources = [os.path.join(here, "mlorc_ops.cpp")]
-        if torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None:
-            sources.append(os.path.join(here, "mlorc_cuda.cu"))
+        with_cuda = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
         try:
-            cpp_extension.load(name="mlorc_ext", sources=sources, extra_cflags=["-O3", "-fno-math-errno"],
-                               extra_cuda_cflags=["-O3"], is_python_module=False)
+            prebuilt = prebuilt_extension()
+            if prebuilt is not None:
+                torch.ops.load_library(prebuilt)
+            else:
+                cpp_extension.load(name="mlorc_ext", sources=extension_sources(with_cuda),
+                                   extra_cflags=CXX_FLAGS, extra_cuda_cflags=CUDA_FLAGS,
+                                   is_python_module=False)
             _extension["loaded"] = True
         except Exception as error:                # compiler missing, build error, no csrc/ beside us
             if mode == "1":

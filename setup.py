@@ -1,4 +1,28 @@
+import os
+
 from setuptools import setup
+
+
+def ahead_of_time_extension():
+    """MLORC_BUILD_EXT=1 compiles csrc/ now, into a library beside mlorc.py that mlorc loads instead
+    of building it on first use. torch must be importable while building:
+        MLORC_BUILD_EXT=1 pip install --no-build-isolation .
+    The CUDA kernels are included when torch has CUDA and nvcc is found (on a machine without a
+    GPU, set TORCH_CUDA_ARCH_LIST, e.g. "9.0" for H100)."""
+    if os.environ.get("MLORC_BUILD_EXT") != "1":
+        return {}
+    import torch
+    from torch.utils import cpp_extension
+
+    import mlorc
+    with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    kind = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = [os.path.relpath(path, here) for path in mlorc.extension_sources(with_cuda)]
+    flags = {"cxx": mlorc.CXX_FLAGS, "nvcc": mlorc.CUDA_FLAGS}
+    extension = kind("mlorc_ext", sources, extra_compile_args=flags)
+    return dict(ext_modules=[extension], cmdclass={"build_ext": cpp_extension.BuildExtension})
+
 
 setup(
     name="mlorc",
@@ -33,4 +57,5 @@ setup(
                      "transformers"],
     },
     license="MIT",
+    **ahead_of_time_extension(),
 )

@@ -13,6 +13,11 @@ namespace mlorc {
 void check_factors(const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh, int64_t rows,
                    int64_t cols, const char* what);
 void check_dense(const at::Tensor& t, int64_t rows, int64_t cols, const char* what);
+void check_adamw_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU,
+                      const at::Tensor& ms, const at::Tensor& mVh, const at::Tensor& vU,
+                      const at::Tensor& vs, const at::Tensor& vVh, const at::Tensor& shift);
+void check_lion_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& U,
+                     const at::Tensor& s, const at::Tensor& Vh);
 
 namespace {
 
@@ -88,13 +93,9 @@ void adamw_step_cuda(at::Tensor& param, const at::Tensor& grad, const at::Tensor
                      at::Tensor& m_out, at::Tensor& v_out, double beta1, double beta2, double lr,
                      double weight_decay, double eps, double bc1, double bc2) {
   const int64_t rows = param.size(0), cols = param.size(1);
-  check_dense(param, rows, cols, "param");
-  check_dense(grad, rows, cols, "grad");
+  check_adamw_args(param, grad, mU, ms, mVh, vU, vs, vVh, shift);
   check_dense(m_out, rows, cols, "m_out");
   check_dense(v_out, rows, cols, "v_out");
-  check_factors(mU, ms, mVh, rows, cols, "exp_avg");
-  check_factors(vU, vs, vVh, rows, cols, "exp_avg_sq");
-  TORCH_CHECK(shift.numel() == 1 && shift.scalar_type() == at::kFloat, "mlorc: shift must be one float32");
   if (rows * cols == 0) return;
   const c10::cuda::CUDAGuard guard(param.device());
   const AdamWArgs args = make_adamw_args(beta1, beta2, lr, weight_decay, eps, bc1, bc2, 0.f,
@@ -110,10 +111,8 @@ void lion_step_cuda(at::Tensor& param, const at::Tensor& grad, const at::Tensor&
                     const at::Tensor& s, const at::Tensor& Vh, at::Tensor& m_out, double beta1,
                     double beta2, double lr, double weight_decay) {
   const int64_t rows = param.size(0), cols = param.size(1);
-  check_dense(param, rows, cols, "param");
-  check_dense(grad, rows, cols, "grad");
+  check_lion_args(param, grad, U, s, Vh);
   check_dense(m_out, rows, cols, "m_out");
-  check_factors(U, s, Vh, rows, cols, "exp_avg");
   if (rows * cols == 0) return;
   const c10::cuda::CUDAGuard guard(param.device());
   lion_kernel<<<blocks_for(rows * cols), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(

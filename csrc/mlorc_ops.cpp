@@ -156,13 +156,19 @@ void adamw_update_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tenso
 // lion_step_ / lion_update_: [M1], [M3], [M6], [M7] of MLorc_Lion for one fp32 matrix in one pass,
 // with or without writing the new dense momentum. Python twin: MLorc_Lion._direction, apply_update_.
 
-void lion_rows(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U, const at::Tensor& s,
-               const at::Tensor& Vh, float* m_out, double beta1, double beta2, double lr,
-               double weight_decay) {
+void check_lion_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& U,
+                     const at::Tensor& s, const at::Tensor& Vh) {
   const int64_t rows = param.size(0), cols = param.size(1);
   check_dense(param, rows, cols, "param");
   check_dense(grad, rows, cols, "grad");
   check_factors(U, s, Vh, rows, cols, "exp_avg");
+}
+
+void lion_rows(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U, const at::Tensor& s,
+               const at::Tensor& Vh, float* m_out, double beta1, double beta2, double lr,
+               double weight_decay) {
+  check_lion_args(param, grad, U, s, Vh);
+  const int64_t rows = param.size(0), cols = param.size(1);
   const LionArgs args = make_lion_args(beta1, beta2, lr, weight_decay, s.size(0));
   float* p = param.data_ptr<float>();
   const float* g = grad.data_ptr<float>();

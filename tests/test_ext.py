@@ -8,8 +8,13 @@ optimizer steps those differences feed back through the moments; measured parame
 stay below 1e-6 at lr 1e-2, against atol 1e-5.
 """
 import contextlib
+import importlib.util
 import os
+import shutil
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -300,3 +305,42 @@ def test_disabled_extension_is_never_built(monkeypatch):
     monkeypatch.setattr(mlorc, "_extension", {})
     monkeypatch.setenv("MLORC_EXTENSION", "0")
     assert mlorc.load_extension() is False and not mlorc.extension_loaded()
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_setup_py_builds_the_extension_ahead_of_time(tmp_path):
+    """MLORC_BUILD_EXT=1 pip install compiles csrc/ into a library beside mlorc.py; mlorc then loads
+    it and never runs the JIT build (whose cache directory stays empty)."""
+    env = {**os.environ, "MLORC_BUILD_EXT": "1", "MAX_JOBS": "2"}
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
+                    "--target", str(tmp_path / "site"), str(REPO)], env=env, check=True)
+    jit_cache = tmp_path / "jit"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site"), "MLORC_EXTENSION": "1",
+           "TORCH_EXTENSIONS_DIR": str(jit_cache)}
+    script = ("import mlorc, torch\n"
+              "assert mlorc.prebuilt_extension() is not None and mlorc.load_extension()\n"
+              "p = torch.nn.Parameter(torch.randn(40, 30)); p.grad = torch.randn(40, 30)\n"
+              "before = p.detach().clone(); mlorc.MLorc_Lion([p], rank=2, lr=0.1).step()\n"
+              "print(mlorc.__file__, (p - before).abs().max().item())\n")
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, check=True,
+                         capture_output=True, text=True).stdout.split()
+    assert out[0] == str(tmp_path / "site" / "mlorc.py")          # the installed copy, not the repo's
+    assert abs(float(out[1]) - 0.1) < 1e-6                           # Lion moved every entry by lr
+    assert not jit_cache.exists() or not any(jit_cache.iterdir())
+
+
+def test_a_prebuilt_library_older_than_csrc_is_not_used(tmp_path):
+    shutil.copy(REPO / "mlorc.py", tmp_path)
+    shutil.copytree(REPO / "csrc", tmp_path / "csrc")
+    library = tmp_path / "mlorc_ext.cpython-311-x86_64-linux-gnu.so"
+    library.write_bytes(b"")
+    spec = importlib.util.spec_from_file_location("mlorc_copy", tmp_path / "mlorc.py")
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    newest = max(path.stat().st_mtime for path in (tmp_path / "csrc").iterdir())
+    os.utime(library, (newest + 10, newest + 10))
+    assert copy.prebuilt_extension() == str(library)
+    os.utime(library, (newest - 10, newest - 10))                   # csrc/ edited after the build
+    assert copy.prebuilt_extension() is None
