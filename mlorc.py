@@ -1262,7 +1262,7 @@ def sharded_rsvd(A, rank, oversampling, power_iters, generators, shards):
     for _ in range(power_iters):
         Q = orth(summed(A.mT @ Q, by_rows), not by_rows)[0]        # (n, r + p)
         Q = orth(summed(A @ Q, not by_rows), by_rows)[0]           # (m, r + p)
-    Q_B, R_B = orth(summed((Q.mT @ A).mT, by_rows), not by_rows)   # B^T = (Q^T A)^T = Q_B R_B
+    Q_B, R_B = orth(summed(A.mT @ Q, by_rows), not by_rows)        # B^T = (Q^T A)^T = Q_B R_B
     U_small, s, W_h = torch.linalg.svd(R_B.mT)                     # (r + p)^2, on every rank
     return Q @ U_small[..., :k], s[..., :k], W_h[..., :k, :] @ Q_B.mT
 
