@@ -366,6 +366,14 @@ def _is_dtensor(p):
     return isinstance(p, DTensor)
 
 
+def _all_finite(g):
+    """Whether every entry of g is finite, as a 0-dim bool tensor (no host sync). aminmax is one
+    pass with no full-size temporaries (isfinite(g).all() makes several) and propagates NaN."""
+    if g.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=g.device)
+    return torch.isfinite(torch.stack(torch.aminmax(g))).all()
+
+
 def _is_number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -501,7 +509,7 @@ class _MLorcOptimizer(torch.optim.Optimizer):
                                    "parameter (expected a DTensor with the same placements)")
             by_device.setdefault((p.grad.device, shards.group), []).append((index, p, shards))
         for (_, process_group), items in by_device.items():
-            finite = torch.stack([torch.isfinite(shards.local(p.grad)).all() for _, p, shards in items])
+            finite = torch.stack([_all_finite(shards.local(p.grad)) for _, p, shards in items])
             if process_group is not None:         # every rank must raise, or the others would hang
                 finite = all_ranks(finite, process_group)
             for (index, p, _), ok in zip(items, finite.tolist()):

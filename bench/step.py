@@ -6,8 +6,9 @@
 Each optimizer gets the same parameters and the same fixed random gradients; the first steps (lazy
 state init, warm-up) are not timed. Printed per optimizer: median step time, its ratio to the first
 optimizer in the list (torch AdamW), with MLorc in pure PyTorch ("pure") and with the C++/CUDA
-extension ("ext"), optimizer-state bytes per parameter, and (CUDA) the peak memory the step
-allocates beyond parameters, gradients and state.
+extension ("ext"), optimizer-state bytes per parameter, and the peak memory the step allocates
+beyond parameters, gradients and state (CUDA: the allocator's statistics; CPU: the profiler's
+allocation events over one extra, untimed step).
 """
 import argparse
 import os
@@ -33,6 +34,21 @@ def llama_shapes(hidden, intermediate, layers, kv, vocab):
     layer = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden),
              (intermediate, hidden), (intermediate, hidden), (hidden, intermediate), (hidden,), (hidden,)]
     return [(vocab, hidden)] + layer * layers + [(hidden,), (vocab, hidden)]
+
+
+def cpu_step_peak(opt):
+    """Peak bytes of CPU tensors allocated during one untimed opt.step() and alive at the same time.
+    CPU tensors have no allocator statistics; the profiler records every allocation and free."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        opt.step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    alive = peak = 0
+    for _, nbytes in events:
+        alive += nbytes
+        peak = max(peak, alive)
+    return peak
 
 
 def make_optimizers(device, rank):
@@ -95,7 +111,7 @@ def main():
                 torch.cuda.synchronize()
             if i >= args.warmup:
                 times.append(time.perf_counter() - start)
-        peak = torch.cuda.max_memory_allocated() - before if cuda else float("nan")
+        peak = torch.cuda.max_memory_allocated() - before if cuda else cpu_step_peak(opt)
         rows.append((name, statistics.median(times), mlorc.state_bytes(opt) / n_params, peak))
         del opt
         if cuda:
@@ -104,11 +120,11 @@ def main():
     largest = max(p.numel() for p in params) * 4
     print(f"\n{'optimizer':<32} {'step ms':>9} {'ratio':>7} {'state B/param':>14} {'step peak extra':>16}")
     for name, seconds, per_param, peak in rows:
-        peak_text = f"{peak / largest:.2f} x largest" if cuda else "n/a"
+        peak_text = f"{peak / largest:.2f} x largest"
         print(f"{name:<32} {seconds * 1e3:>9.1f} {seconds / rows[0][1]:>6.1f}x {per_param:>14.4f} "
               f"{peak_text:>16}")
-    if cuda:
-        print(f"(largest matrix in fp32: {largest / 2**20:.0f} MiB)")
+    print(f"(step peak extra: bytes the step allocates and holds at once, beyond parameters, gradients "
+          f"and state, in units of the largest matrix in fp32, {largest / 2**20:.0f} MiB)")
 
 
 if __name__ == "__main__":
