@@ -7,6 +7,8 @@ rounding (gloo sums the per-rank gradients in another order than one backward ov
 so parameters are compared to a tolerance of fp32 rounding amplified by the steps: 1e-5 relative.
 """
 
+import datetime
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -39,7 +41,8 @@ def train(model, opt, rank=0, world=1):
 
 
 def worker(rank, world, name, out):
-    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))   # a hang fails, not blocks CI
     torch.set_num_threads(1)
     cls, kwargs = VARIANTS[name]
     model = torch.nn.parallel.DistributedDataParallel(make_model())

@@ -15,6 +15,8 @@ Measured with 2 and 4 ranks: at most 3e-14 relative (Prodigy, whose d feeds back
 all-reduce of partial sums removed the same runs differ by 1e-4 to 0.6.
 """
 
+import datetime
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -121,10 +123,40 @@ def resume(mesh, cls, kwargs, rank, world, path, full_state_dict):
     return full(uninterrupted.parameters()), full(resumed.parameters()), mlorc.state_bytes(resumed_opt)
 
 
+def nonfinite_gradient_on_one_rank(mesh, rank, world):
+    """A NaN in the last rank's block only: every rank must raise (a rank that went on alone would
+    wait forever in the step's collectives) and leave parameters and state as they were."""
+    model = shard(make_model(), mesh)
+    opt = mlorc.MLorc_Prodigy(model.parameters(), lr=1.0, d0=1e-3, slice_p=1, rank=2)
+    train(model, opt, 2, rank, world)
+    before = ([p.to_local().clone() for p in model.parameters()],
+              {k: v.to_local().clone() if hasattr(v, "to_local") else v
+               for s in opt.state.values() for k, v in s.items()}, opt.param_groups[0]["d"])
+    x, y = global_batch(2)
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x.chunk(world)[rank]), y.chunk(world)[rank]).backward()
+    if rank == world - 1:
+        model[0].weight.grad.to_local().view(-1)[-1] = float("nan")     # split by columns: never empty
+    try:
+        opt.step()
+        raised = False
+    except RuntimeError as error:
+        raised = "non-finite gradient" in str(error)
+    after = ([p.to_local() for p in model.parameters()],
+             {k: v.to_local() if hasattr(v, "to_local") else v
+              for s in opt.state.values() for k, v in s.items()}, opt.param_groups[0]["d"])
+    unchanged = (all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
+                 and all(torch.equal(a, b) if torch.is_tensor(a) else a == b
+                         for a, b in zip(before[1].values(), after[1].values()))
+                 and before[2] == after[2])
+    return raised, unchanged
+
+
 def worker(rank, world, out):
     from torch.distributed.device_mesh import init_device_mesh
 
-    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))   # a hang fails, not blocks CI
     torch.set_num_threads(1)
     mesh = init_device_mesh("cpu", (world,))
     results = {}
@@ -140,6 +172,7 @@ def worker(rank, world, out):
             model = shard(make_model(), hsdp)
             train(model, cls(model.parameters(), **kwargs), STEPS, rank, world)
             results[f"hsdp_{name}"] = full(model.parameters())
+    results["nonfinite"] = nonfinite_gradient_on_one_rank(mesh, rank, world)
     for name, (cls, kwargs) in RESUMED.items():
         results[f"resume_{name}"] = resume(mesh, cls, kwargs, rank, world, f"{out}/ckpt_{name}",
                                            full_state_dict=name.endswith("full"))
@@ -197,6 +230,11 @@ def test_fsdp2_resume_is_exact(fsdp_results, name):
         assert torch.equal(a, b)
     per_rank = [r[f"resume_{name}"][2] for r in ranks]
     assert per_rank[0] > 0 and sum(per_rank) > max(per_rank)       # the state is split, not copied
+
+
+def test_a_nonfinite_gradient_on_one_rank_stops_every_rank(fsdp_results):
+    world, ranks = fsdp_results
+    assert all(r["nonfinite"] == (True, True) for r in ranks)
 
 
 def test_unsupported_layouts_are_refused_clearly():
