@@ -235,26 +235,31 @@ at::Tensor moment_matmul_cpu(const at::Tensor& U, const at::Tensor& s, const at:
       repair ? fill(std::false_type{}, std::true_type{}) : fill(std::false_type{}, std::false_type{});
     return a;
   };
-  if (!transposed) {
-    at::Tensor out = at::empty({rows, width}, X.options());
+  if (!transposed) {            // (A X)^T = X^T A^T, (r + p) x m, block by block of its columns
+    at::Tensor out = at::empty({width, rows}, X.options());
+    const at::Tensor X_t = X.t().contiguous();
     for_row_blocks(rows, cols, [&](int64_t, int64_t begin, int64_t end) {
-      at::Tensor out_rows = out.narrow(0, begin, end - begin);
-      at::mm_out(out_rows, block_moment(begin, end), X);
+      at::Tensor out_cols = out.narrow(1, begin, end - begin);
+      at::mm_out(out_cols, X_t, block_moment(begin, end).t());
     });
-    return out;
+    return out.t().contiguous();
   }
   // A^T X sums over all rows: a fixed number of row ranges (not one per thread) each sum their own
-  // partial product, added in range order, so the result does not depend on the thread count.
+  // partial product, added in range order, so which thread runs which range does not matter.
+  // Each range accumulates (A^T X)^T = X^T A, (r + p) x n: a wide, row-major product suits BLAS here.
   const int64_t blocks = count_blocks(rows, cols), parts = std::min<int64_t>(blocks, 8);
-  at::Tensor partial = at::zeros({parts, cols, width}, X.options());
+  if (parts == 0) return at::zeros({cols, width}, X.options());         // no rows: A^T X is 0
+  at::Tensor partial = at::zeros({parts, width, cols}, X.options());
   at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
     for (int64_t q = first; q < last; ++q)
       for (int64_t k = q * blocks / parts; k < (q + 1) * blocks / parts; ++k) {
         const int64_t begin = k * b, end = std::min(rows, begin + b);
-        partial.select(0, q).addmm_(block_moment(begin, end).t(), X.narrow(0, begin, end - begin));
+        partial.select(0, q).addmm_(X.narrow(0, begin, end - begin).t(), block_moment(begin, end));
       }
   });
-  return partial.sum(0);
+  at::Tensor total = partial.select(0, 0).clone();      // added in range order: elementwise adds,
+  for (int64_t q = 1; q < parts; ++q) total.add_(partial.select(0, q));   // whatever the threads
+  return total.t().contiguous();
 }
 
 TORCH_LIBRARY(mlorc, m) {
