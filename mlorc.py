@@ -366,6 +366,11 @@ def _is_dtensor(p):
     return isinstance(p, DTensor)
 
 
+def _local(t):
+    """This process's part of t: the local block of a DTensor, t itself otherwise."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
 def _all_finite(g):
     """Whether every entry of g is finite, as a 0-dim bool tensor (no host sync). aminmax is one
     pass with no full-size temporaries (isfinite(g).all() makes several) and propagates NaN."""
@@ -1169,7 +1174,7 @@ class Sharded(Whole):
         return x[(slice(None),) * along + (slice(None, None, every),)]
 
     def local(self, t):
-        return t.to_local() if _is_dtensor(t) else t
+        return _local(t)
 
     def rsvd(self, A, rank, oversampling, power_iters, generators):
         return sharded_rsvd(A, rank, oversampling, power_iters, generators, self)
@@ -1332,8 +1337,7 @@ def finetune_param_groups(model, weight_decay=0.01, rank=4, dense_embeddings=Fal
 
 def state_bytes(optimizer):
     """Bytes of every tensor in the optimizer's state held by this process (a DTensor: its block)."""
-    local = [t.to_local() if _is_dtensor(t) else t for s in optimizer.state.values()
-             for t in s.values() if torch.is_tensor(t)]
+    local = [_local(t) for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
     return sum(t.numel() * t.element_size() for t in local)
 
 
