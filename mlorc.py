@@ -65,6 +65,7 @@ pipeline on each rank's block; section "Sharded parameters" says what crosses ra
 runs a small demo that prints the loss and the optimizer-state bytes of AdamW and MLorc side by side.
 """
 
+import collections
 import math
 import os
 import sys
@@ -607,13 +608,15 @@ class _MLorcOptimizer(torch.optim.Optimizer):
         with its own generator), commit the state, then [M7] apply each update."""
         batch = [work for work in batch if work is not None]
         suffixes = ("_U", "_s", "_Vh")
+        fused = [w for w in batch if self.moments in w["new"]]    # the extension's NewMoments:
+        if fused:                                                   # [M4] through products
+            A = FusedMoments([A for w in fused for A in w["new"].pop(self.moments)])
+            factors = rsvd(A, group["rank"], group["oversampling"], group["power_iters"],
+                           [w["generator"] for w in fused for _ in self.moments])  # m's Omega, then v's
+            for i, (w, name) in enumerate((w, name) for w in fused for name in self.moments):
+                w["new"].update({name + suffix: f[i].clone() for suffix, f in zip(suffixes, factors)})
         for name in self.moments:
             factored = [w for w in batch if name in w["new"] and name + "_U" in w["state"]]
-            for w in [w for w in factored if isinstance(w["new"][name], FusedMoment)]:
-                factors = rsvd(w["new"].pop(name), group["rank"], group["oversampling"],   # [M4], through
-                               group["power_iters"], [w["generator"]])                    # products only
-                w["new"].update({name + suffix: f.clone() for suffix, f in zip(suffixes, factors)})
-            factored = [w for w in factored if name in w["new"]]
             if not factored:
                 continue
             matrices = [w["new"].pop(name).reshape(matrix_shape(w["p"])) for w in factored]
@@ -636,6 +639,7 @@ class _MLorcOptimizer(torch.optim.Optimizer):
         """Whether the extension's fused op (see `_fused`) covers this parameter's step: fp32 matrix
         with factored moments, no option that changes the direction, extension loaded."""
         return (self._fused is not None and p.dtype == torch.float32 and p.is_contiguous()
+                and p.device.type in ("cpu", "cuda")
                 and all(name + "_U" in state and state[name + "_s"].numel() <= FUSED_MAX_RANK
                         for name in self.moments)
                 and not (group["use_grams"] or group["use_cautious"] or group["use_atan2"])
@@ -648,9 +652,10 @@ class _MLorcOptimizer(torch.optim.Optimizer):
         return [factors(state, name) for name in self.moments]
 
     @staticmethod
-    def _sketched_on_cpu(p, group):
-        """Whether [M4] will sketch this CPU matrix, so the fused step can hand it FusedMoments."""
-        return p.device.type == "cpu" and group["rank"] + group["oversampling"] < min(matrix_shape(p))
+    def _sketched(p, group):
+        """Whether [M4] will sketch this matrix (not take its exact SVD), so the fused step can hand
+        it NewMoments that it reaches through products (see FusedMoments)."""
+        return group["rank"] + group["oversampling"] < min(matrix_shape(p))
 
     def _init_state(self, p, group, shards=WHOLE):
         """The parameter's state, created on its first step: zero moments, factored for matrices."""
@@ -715,16 +720,16 @@ class MLorc_AdamW(_MLorcOptimizer):
 
     def _fused(self, p, g, state, group, step):
         """mlorc::adamw_step_: _direction and [M7] in one pass over the matrix, moments rebuilt from
-        their factors entry by entry; returns the new dense moments for [M4] (or, where they will
-        be sketched on the CPU, FusedMoments that [M4] reaches through products)."""
+        their factors entry by entry; returns the new dense moments for [M4] (or, where [M4] will
+        sketch them, only the update: the NewMoments under the key self.moments, which [M4] then
+        reaches through products, see FusedMoments)."""
         (b1, b2), (rows, cols) = group["betas"], matrix_shape(p)
         P, G, m_old, v_old = p.view(rows, cols), g.view(rows, cols), *self._old_factors(state)
         shift = torch.ops.mlorc.negative_mean(*v_old)                                       # [M2]
         scalars = (b1, b2, group["lr"], group["weight_decay"], group["eps"], 1 - b1 ** step, 1 - b2 ** step)
-        if self._sketched_on_cpu(p, group):
+        if self._sketched(p, group):
             torch.ops.mlorc.adamw_update_(P, G, *m_old, *v_old, shift, *scalars)
-            return {"exp_avg": FusedMoment(m_old, G, b1),
-                    "exp_avg_sq": FusedMoment(v_old, G, b2, squared=True, shift=shift)}
+            return {self.moments: [NewMoment(G, m_old, b1), NewMoment(G, v_old, b2, True, shift)]}
         m, v = torch.empty(rows, cols, device=p.device), torch.empty(rows, cols, device=p.device)
         torch.ops.mlorc.adamw_step_(P, G, *m_old, *v_old, shift, m, v, *scalars)
         return {"exp_avg": m.view(p.shape), "exp_avg_sq": v.view(p.shape)}
@@ -754,15 +759,15 @@ class MLorc_Lion(_MLorcOptimizer):
         return d, group["lr"], {"exp_avg": prev["exp_avg"] * b2 + g * (1 - b2)}             # [M3]
 
     def _fused(self, p, g, state, group, step):
-        """mlorc::lion_step_: _direction and [M7] in one pass; returns the new dense momentum (or a
-        FusedMoment, as MLorc_AdamW._fused)."""
+        """mlorc::lion_step_: _direction and [M7] in one pass; returns the new dense momentum (or
+        NewMoments, as MLorc_AdamW._fused)."""
         (b1, b2), (rows, cols) = group["betas"], matrix_shape(p)
         g = clip_by_norm(g, group["clip_threshold"])
         P, G, (m_old,) = p.view(rows, cols), g.view(rows, cols), self._old_factors(state)
         scalars = (b1, b2, group["lr"], group["weight_decay"])
-        if self._sketched_on_cpu(p, group):
+        if self._sketched(p, group):
             torch.ops.mlorc.lion_update_(P, G, *m_old, *scalars)
-            return {"exp_avg": FusedMoment(m_old, G, b2)}
+            return {self.moments: [NewMoment(G, m_old, b2)]}
         m = torch.empty(rows, cols, device=p.device)
         torch.ops.mlorc.lion_step_(P, G, *m_old, m, *scalars)
         return {"exp_avg": m.view(p.shape)}
@@ -1079,24 +1084,44 @@ def load_extension():
     return _extension["loaded"]
 
 
-class FusedMoment:
-    """[M3]'s new moment A = beta * old + (1 - beta) * g (g * g for v, whose rebuilt old entries get
-    [M2] first), which the extension's update pass never writes out. [M4]'s rsvd only needs the
-    products A @ X and A^T @ X: mlorc::moment_matmul computes them block by block from the old
-    factors and g, so the step holds no dense m x n moment at all (CPU only, for now)."""
+NewMoment = collections.namedtuple("NewMoment", "g old beta squared shift", defaults=(False, None))
+NewMoment.__doc__ = """[M3]'s new moment beta * old + (1 - beta) * g (g * g when squared, with [M2]'s
+shift for the rebuilt old entries below 0 when given), described by g and the old factors only."""
 
-    def __init__(self, old, g, beta, squared=False, shift=None, transposed=False):
-        self.old, self.g, self.beta, self.squared, self.shift = old, g, beta, squared, shift
-        self.transposed, self.device, self.dtype = transposed, g.device, g.dtype
-        self.shape = g.shape[::-1] if transposed else g.shape
+
+class FusedMoments:
+    """A stack (K, m, n) of NewMoments, which the extension's update pass never writes out. [M4]'s
+    rsvd only needs products with them, so it takes the stack as it takes a stack of dense moments
+    (batched QR and SVD) while each product is formed without the moment itself:
+    - a first moment is linear in its parts: A X = beta U (s * (Vh X)) + (1 - beta) g X, one BLAS
+      product with g and a few thin ones (A^T = Vh^T s U^T + g^T likewise);
+    - a second moment is not ([M2] and g * g are entrywise): mlorc::moment_matmul rebuilds it row by
+      row from its old factors and g and multiplies as it goes.
+    So the step holds no dense m x n moment at all (on CUDA, moment_matmul holds chunks of 16 MiB)."""
+
+    def __init__(self, moments, transposed=False):
+        self.moments, self.transposed = moments, transposed
+        g = moments[0].g
+        self.device, self.dtype = g.device, g.dtype
+        self.shape = (len(moments), *(g.shape[::-1] if transposed else g.shape))
 
     @property
     def mT(self):
-        return FusedMoment(self.old, self.g, self.beta, self.squared, self.shift, not self.transposed)
+        return FusedMoments(self.moments, not self.transposed)
 
     def __matmul__(self, X):
-        return torch.ops.mlorc.moment_matmul(*self.old, self.g, self.beta, self.squared, self.shift,
-                                             X, self.transposed)
+        return torch.stack([self.product(A, X_k) for A, X_k in zip(self.moments, X.unbind(0))])
+
+    def product(self, A, X):
+        """A @ X, or A^T @ X when transposed, for one NewMoment A."""
+        (U, s, Vh), G = A.old, A.g
+        if A.squared or A.shift is not None:
+            return torch.ops.mlorc.moment_matmul(U, s, Vh, G, A.beta, A.squared, A.shift, X, self.transposed)
+        if self.transposed:       # G^T X as (X^T G)^T: BLAS is several times slower at the tall form
+            U, Vh, GX = Vh.mT, U.mT, (X.mT @ G).mT
+        else:
+            GX = G @ X
+        return torch.addmm(GX, U * s, Vh @ X, beta=1 - A.beta, alpha=A.beta)
 
 
 def extension_loaded():

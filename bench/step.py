@@ -3,12 +3,14 @@
     python bench/step.py                          # CPU-sized LLaMA shapes on the CPU
     python bench/step.py --preset tinyllama --device cuda
 
-Each optimizer gets the same parameters and the same fixed random gradients; the first steps (lazy
-state init, warm-up) are not timed. Printed per optimizer: median step time, its ratio to the first
-optimizer in the list (torch AdamW), with MLorc in pure PyTorch ("pure") and with the C++/CUDA
-extension ("ext"), optimizer-state bytes per parameter, and the peak memory the step allocates
-beyond parameters, gradients and state (CUDA: the allocator's statistics; CPU: the profiler's
-allocation events over one extra, untimed step).
+Each optimizer gets the same parameters and the same fixed random gradients, and keeps its state
+for the whole run. The first steps (lazy state init, warm-up) are not timed; the timed steps take
+turns (one step of each optimizer, then the next round), so noise on a shared machine falls on all
+of them alike. Printed per optimizer: median step time, its ratio to the first optimizer in the list
+(torch AdamW), with MLorc in pure PyTorch ("pure") and with the C++/CUDA extension ("ext"),
+optimizer-state bytes per parameter, and the peak memory the step allocates beyond parameters,
+gradients and state, over one extra, untimed step (CUDA: the allocator's statistics; CPU: the
+profiler's allocation events).
 """
 import argparse
 import os
@@ -36,9 +38,17 @@ def llama_shapes(hidden, intermediate, layers, kv, vocab):
     return [(vocab, hidden)] + layer * layers + [(hidden,), (vocab, hidden)]
 
 
-def cpu_step_peak(opt):
-    """Peak bytes of CPU tensors allocated during one untimed opt.step() and alive at the same time.
-    CPU tensors have no allocator statistics; the profiler records every allocation and free."""
+def step_peak(opt, cuda):
+    """Peak bytes allocated during one untimed opt.step() and alive at the same time, beyond what
+    was allocated before it. CUDA: the allocator's statistics. CPU tensors have no such statistics:
+    the profiler records every allocation and free, and the peak is the maximum of their running sum."""
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        opt.step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         opt.step()
@@ -91,31 +101,32 @@ def main():
           f"device {torch.cuda.get_device_name() if cuda else args.device}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")
 
-    rows = []
+    # Every optimizer keeps its state for the whole run, and the timed steps go round-robin: one
+    # step of each in turn, so a slow patch of a shared machine slows all of them alike.
+    runs = []
     for name, (make, extension) in make_optimizers(args.device, args.rank).items():
         if args.only and not any(s in name for s in args.only.split(",")):
             continue
         os.environ["MLORC_EXTENSION"] = extension
         if extension == "1":
             mlorc.load_extension()                     # build (or load the cached build) untimed
-        opt = make(params)
-        times = []
-        for i in range(args.warmup + args.steps):
+        runs.append(dict(name=name, extension=extension, opt=make(params), times=[]))
+    for i in range(args.warmup + args.steps):
+        for run in runs:
+            os.environ["MLORC_EXTENSION"] = run["extension"]
             if cuda:
                 torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                before = torch.cuda.memory_allocated()
             start = time.perf_counter()
-            opt.step()
+            run["opt"].step()
             if cuda:
                 torch.cuda.synchronize()
             if i >= args.warmup:
-                times.append(time.perf_counter() - start)
-        peak = torch.cuda.max_memory_allocated() - before if cuda else cpu_step_peak(opt)
-        rows.append((name, statistics.median(times), mlorc.state_bytes(opt) / n_params, peak))
-        del opt
-        if cuda:
-            torch.cuda.empty_cache()
+                run["times"].append(time.perf_counter() - start)
+    rows = []
+    for run in runs:
+        os.environ["MLORC_EXTENSION"] = run["extension"]
+        rows.append((run["name"], statistics.median(run["times"]), mlorc.state_bytes(run["opt"]) / n_params,
+                     step_peak(run["opt"], cuda)))
 
     largest = max(p.numel() for p in params) * 4
     print(f"\n{'optimizer':<32} {'step ms':>9} {'ratio':>7} {'state B/param':>14} {'step peak extra':>16}")

@@ -1,5 +1,6 @@
 // CUDA kernels of the mlorc operators (schemas and checks live in mlorc_ops.cpp). One thread per
 // matrix entry, launched on the current stream; the arithmetic is mlorc_kernels.h's, as on the CPU.
+// moment_matmul writes its moment a chunk of rows at a time and multiplies the chunk with cuBLAS.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -18,6 +19,9 @@ void check_adamw_args(const at::Tensor& param, const at::Tensor& grad, const at:
                       const at::Tensor& vs, const at::Tensor& vVh, const at::Tensor& shift);
 void check_lion_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& U,
                      const at::Tensor& s, const at::Tensor& Vh);
+void check_moment_matmul_args(const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh,
+                              const at::Tensor& grad, const c10::optional<at::Tensor>& shift,
+                              const at::Tensor& X, bool transposed);
 
 namespace {
 
@@ -71,6 +75,19 @@ __global__ void lion_kernel(LionArgs a, int64_t rows, int64_t cols, float* p, co
   lion_entry(a, e / cols, e % cols, cols, p, g, U, s, Vh, m_out);
 }
 
+// Rows [begin, begin + count / cols) of the new moment (moment_entry of the rebuilt old entry and g)
+// into out, row-major; shift is null when there is no [M2] repair.
+__global__ void moment_rows_kernel(const float* U, const float* s, const float* Vh, int64_t r,
+                                   const float* g, float beta, bool squared, const float* shift,
+                                   int64_t begin, int64_t count, int64_t cols, float* out) {
+  const int64_t e = blockIdx.x * int64_t(kThreads) + threadIdx.x;
+  if (e >= count) return;
+  const int64_t i = begin + e / cols, j = e % cols;
+  const float old = lowrank_entry(U, s, Vh, r, i, j, cols);
+  out[e] = moment_entry(old, g[i * cols + j], beta, squared, shift != nullptr,
+                        shift != nullptr ? *shift : 0.f);
+}
+
 }  // namespace
 
 at::Tensor negative_mean_cuda(const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh) {
@@ -87,15 +104,13 @@ at::Tensor negative_mean_cuda(const at::Tensor& U, const at::Tensor& s, const at
   return (sums[0] / sums[1].clamp_min(1.0)).to(at::kFloat);
 }
 
-void adamw_step_cuda(at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU,
-                     const at::Tensor& ms, const at::Tensor& mVh, const at::Tensor& vU,
-                     const at::Tensor& vs, const at::Tensor& vVh, const at::Tensor& shift,
-                     at::Tensor& m_out, at::Tensor& v_out, double beta1, double beta2, double lr,
-                     double weight_decay, double eps, double bc1, double bc2) {
+// m_out and v_out: where the new moments go, or null (the update only)
+void adamw_cuda(at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU, const at::Tensor& ms,
+                const at::Tensor& mVh, const at::Tensor& vU, const at::Tensor& vs, const at::Tensor& vVh,
+                const at::Tensor& shift, float* m_out, float* v_out, double beta1, double beta2,
+                double lr, double weight_decay, double eps, double bc1, double bc2) {
   const int64_t rows = param.size(0), cols = param.size(1);
   check_adamw_args(param, grad, mU, ms, mVh, vU, vs, vVh, shift);
-  check_dense(m_out, rows, cols, "m_out");
-  check_dense(v_out, rows, cols, "v_out");
   if (rows * cols == 0) return;
   const c10::cuda::CUDAGuard guard(param.device());
   const AdamWArgs args = make_adamw_args(beta1, beta2, lr, weight_decay, eps, bc1, bc2, 0.f,
@@ -103,29 +118,100 @@ void adamw_step_cuda(at::Tensor& param, const at::Tensor& grad, const at::Tensor
   adamw_kernel<<<blocks_for(rows * cols), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       args, shift.data_ptr<float>(), rows, cols, param.data_ptr<float>(), grad.data_ptr<float>(),
       mU.data_ptr<float>(), ms.data_ptr<float>(), mVh.data_ptr<float>(), vU.data_ptr<float>(),
-      vs.data_ptr<float>(), vVh.data_ptr<float>(), m_out.data_ptr<float>(), v_out.data_ptr<float>());
+      vs.data_ptr<float>(), vVh.data_ptr<float>(), m_out, v_out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void adamw_step_cuda(at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU,
+                     const at::Tensor& ms, const at::Tensor& mVh, const at::Tensor& vU,
+                     const at::Tensor& vs, const at::Tensor& vVh, const at::Tensor& shift,
+                     at::Tensor& m_out, at::Tensor& v_out, double beta1, double beta2, double lr,
+                     double weight_decay, double eps, double bc1, double bc2) {
+  check_dense(m_out, param.size(0), param.size(1), "m_out");
+  check_dense(v_out, param.size(0), param.size(1), "v_out");
+  adamw_cuda(param, grad, mU, ms, mVh, vU, vs, vVh, shift, m_out.data_ptr<float>(),
+             v_out.data_ptr<float>(), beta1, beta2, lr, weight_decay, eps, bc1, bc2);
+}
+
+void adamw_update_cuda(at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU,
+                       const at::Tensor& ms, const at::Tensor& mVh, const at::Tensor& vU,
+                       const at::Tensor& vs, const at::Tensor& vVh, const at::Tensor& shift,
+                       double beta1, double beta2, double lr, double weight_decay, double eps,
+                       double bc1, double bc2) {
+  adamw_cuda(param, grad, mU, ms, mVh, vU, vs, vVh, shift, nullptr, nullptr, beta1, beta2, lr,
+             weight_decay, eps, bc1, bc2);
+}
+
+// m_out: where the new momentum goes, or null (the update only)
+void lion_cuda(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U, const at::Tensor& s,
+               const at::Tensor& Vh, float* m_out, double beta1, double beta2, double lr,
+               double weight_decay) {
+  const int64_t rows = param.size(0), cols = param.size(1);
+  check_lion_args(param, grad, U, s, Vh);
+  if (rows * cols == 0) return;
+  const c10::cuda::CUDAGuard guard(param.device());
+  lion_kernel<<<blocks_for(rows * cols), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      make_lion_args(beta1, beta2, lr, weight_decay, s.size(0)), rows, cols, param.data_ptr<float>(),
+      grad.data_ptr<float>(), U.data_ptr<float>(), s.data_ptr<float>(), Vh.data_ptr<float>(), m_out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void lion_step_cuda(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U,
                     const at::Tensor& s, const at::Tensor& Vh, at::Tensor& m_out, double beta1,
                     double beta2, double lr, double weight_decay) {
-  const int64_t rows = param.size(0), cols = param.size(1);
-  check_lion_args(param, grad, U, s, Vh);
-  check_dense(m_out, rows, cols, "m_out");
-  if (rows * cols == 0) return;
-  const c10::cuda::CUDAGuard guard(param.device());
-  lion_kernel<<<blocks_for(rows * cols), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      make_lion_args(beta1, beta2, lr, weight_decay, s.size(0)), rows, cols, param.data_ptr<float>(),
-      grad.data_ptr<float>(), U.data_ptr<float>(), s.data_ptr<float>(), Vh.data_ptr<float>(),
-      m_out.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_dense(m_out, param.size(0), param.size(1), "m_out");
+  lion_cuda(param, grad, U, s, Vh, m_out.data_ptr<float>(), beta1, beta2, lr, weight_decay);
+}
+
+void lion_update_cuda(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U,
+                      const at::Tensor& s, const at::Tensor& Vh, double beta1, double beta2,
+                      double lr, double weight_decay) {
+  lion_cuda(param, grad, U, s, Vh, nullptr, beta1, beta2, lr, weight_decay);
+}
+
+// A @ X or A^T @ X, a chunk of at most 4M entries (16 MiB) of A at a time: the only m x n memory
+// the product holds. The chunks' products are added in row order, so the result is deterministic.
+at::Tensor moment_matmul_cuda(const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh,
+                              const at::Tensor& grad, double beta, bool squared,
+                              const c10::optional<at::Tensor>& shift, const at::Tensor& X,
+                              bool transposed) {
+  check_moment_matmul_args(U, s, Vh, grad, shift, X, transposed);
+  TORCH_CHECK(!shift.has_value() || shift->device() == grad.device(),
+              "mlorc: moment_matmul's shift must be on grad's device");
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const int64_t rows = grad.size(0), cols = grad.size(1), width = X.size(1);
+  const int64_t chunk_rows = std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(cols, 1));
+  const at::Tensor X_ = X.contiguous();
+  at::Tensor out = transposed ? at::zeros({cols, width}, X.options()) : at::empty({rows, width}, X.options());
+  at::Tensor chunk = at::empty({std::min(rows, chunk_rows), cols}, grad.options());
+  for (int64_t begin = 0; begin < rows; begin += chunk_rows) {
+    const int64_t n = std::min(chunk_rows, rows - begin);
+    at::Tensor A = chunk.narrow(0, 0, n);
+    if (n * cols > 0) {
+      moment_rows_kernel<<<blocks_for(n * cols), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          U.data_ptr<float>(), s.data_ptr<float>(), Vh.data_ptr<float>(), s.size(0),
+          grad.data_ptr<float>(), float(beta), squared,
+          shift.has_value() ? shift->data_ptr<float>() : nullptr, begin, n * cols, cols,
+          A.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (transposed) {
+      out.addmm_(A.t(), X_.narrow(0, begin, n));
+    } else {
+      at::Tensor out_rows = out.narrow(0, begin, n);
+      at::mm_out(out_rows, A, X_);
+    }
+  }
+  return out;
 }
 
 TORCH_LIBRARY_IMPL(mlorc, CUDA, m) {
   m.impl("negative_mean", &negative_mean_cuda);
   m.impl("adamw_step_", &adamw_step_cuda);
   m.impl("lion_step_", &lion_step_cuda);
+  m.impl("adamw_update_", &adamw_update_cuda);
+  m.impl("lion_update_", &lion_update_cuda);
+  m.impl("moment_matmul", &moment_matmul_cuda);
 }
 
 }  // namespace mlorc

@@ -51,7 +51,8 @@ MLORC_HD void adamw_update(const AdamWArgs& a, float& p, float g, float m_prev, 
   p = p * a.decay - a.lr * d;
 }
 
-// MLorc_AdamW at entry (i, j): [M1] rebuild, then adamw_update.
+// MLorc_AdamW at entry (i, j): [M1] rebuild, then adamw_update; the new moments are written out
+// unless m_out and v_out are null.
 MLORC_HD void adamw_entry(const AdamWArgs& a, int64_t i, int64_t j, int64_t cols, float* p,
                           const float* g, const float* mU, const float* ms, const float* mVh,
                           const float* vU, const float* vs, const float* vVh, float* m_out,
@@ -59,7 +60,12 @@ MLORC_HD void adamw_entry(const AdamWArgs& a, int64_t i, int64_t j, int64_t cols
   const int64_t e = i * cols + j;
   const float v_prev = lowrank_entry(vU, vs, vVh, a.rank_v, i, j, cols);
   const float m_prev = lowrank_entry(mU, ms, mVh, a.rank_m, i, j, cols);
-  adamw_update(a, p[e], g[e], m_prev, v_prev, m_out[e], v_out[e]);
+  float m, v;
+  adamw_update(a, p[e], g[e], m_prev, v_prev, m, v);
+  if (m_out != nullptr) {
+    m_out[e] = m;
+    v_out[e] = v;
+  }
 }
 
 // [M6] sign step, [M3] momentum, [M7] apply at one entry, from its rebuilt m~.
@@ -70,12 +76,15 @@ MLORC_HD void lion_update(const LionArgs& a, float& p, float g, float m_prev, fl
   m = m_prev * a.beta2 + g * (1.f - a.beta2);
 }
 
-// MLorc_Lion at entry (i, j): [M1] rebuild, then lion_update.
+// MLorc_Lion at entry (i, j): [M1] rebuild, then lion_update; the new momentum is written out
+// unless m_out is null.
 MLORC_HD void lion_entry(const LionArgs& a, int64_t i, int64_t j, int64_t cols, float* p,
                          const float* g, const float* U, const float* s, const float* Vh,
                          float* m_out) {
   const int64_t e = i * cols + j;
-  lion_update(a, p[e], g[e], lowrank_entry(U, s, Vh, a.rank, i, j, cols), m_out[e]);
+  float m;
+  lion_update(a, p[e], g[e], lowrank_entry(U, s, Vh, a.rank, i, j, cols), m);
+  if (m_out != nullptr) m_out[e] = m;
 }
 
 // One entry of a new moment from its rebuilt old value: beta * old + (1 - beta) * g (g * g for a

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <type_traits>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "mlorc_kernels.h"
@@ -40,12 +41,41 @@ void check_dense(const at::Tensor& t, int64_t rows, int64_t cols, const char* wh
   TORCH_CHECK(t.is_contiguous(), "mlorc: ", what, " must be contiguous");
 }
 
-// ---------------------------------------------------------------------------------------------------
-// The CPU kernels walk the matrix in blocks of rows small enough to stay in cache: a block's old
-// moments are rebuilt with one small BLAS matmul, (U[rows] * s) @ Vh, then used entry by entry. Every
-// kernel uses the same blocks and the same rebuild, so all of them see the same numbers.
 
-// 64K floats (256 KiB) a block: fits in L2, and few enough blocks that per-block call overhead is small
+// ---------------------------------------------------------------------------------------------------
+// The CPU kernels walk the matrix row by row. Each row of an old moment is rebuilt into a small buffer
+// from its factors ([M1]: r multiply-adds an entry, and the row stays in L1), used entry by entry,
+// and dropped: no m x n tensor, no per-block allocation or BLAS call. Every kernel rebuilds with the
+// same function, so all of them see the same numbers. The row loops are compiled three times
+// (AVX-512, AVX2 with FMA, baseline x86-64) and the loader picks the best one this CPU runs, so one
+// build (setup.py's ahead-of-time one included) stays portable across machines.
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define MLORC_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MLORC_CPU_CLONES
+#endif
+
+// 16 floats as one value, for the loops the compiler would not vectorize by itself (sums across a
+// row): GCC and clang lower it to one AVX-512 register, two AVX2 or four SSE ones.
+typedef float Floats16 __attribute__((vector_size(64)));
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC warns that a 64-byte vector is passed differently without AVX-512: load16 is always inlined,
+// so no such value crosses a call
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+constexpr int64_t kLanes = 16;
+
+__attribute__((always_inline)) inline Floats16 load16(const float* p) {
+  Floats16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline int64_t round_up16(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+// Rows are handed out to threads in blocks of about 64K entries; the blocks are also the fixed
+// order in which sums over rows are added, so results do not depend on the thread count.
 int64_t block_rows(int64_t cols) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(cols, 1)); }
 
 int64_t count_blocks(int64_t rows, int64_t cols) {
@@ -53,34 +83,73 @@ int64_t count_blocks(int64_t rows, int64_t cols) {
   return (rows + b - 1) / b;
 }
 
-// [M1] rows [begin, end) of (U * s) @ Vh, as a fresh (end - begin, n) tensor
-at::Tensor rebuild_rows(const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh, int64_t begin,
-                        int64_t end) {
-  return at::mm(U.narrow(0, begin, end - begin) * s, Vh);
-}
-
-// fn(block, begin, end) for every block of rows, blocks in parallel
+// fn(block, begin, end, scratch) for every block of rows, blocks in parallel; scratch holds
+// scratch_floats floats per thread
 template <typename Fn>
-void for_row_blocks(int64_t rows, int64_t cols, const Fn& fn) {
+void for_row_blocks(int64_t rows, int64_t cols, int64_t scratch_floats, const Fn& fn) {
   const int64_t b = block_rows(cols);
   at::parallel_for(0, count_blocks(rows, cols), 1, [&](int64_t first, int64_t last) {
-    for (int64_t k = first; k < last; ++k) fn(k, k * b, std::min(rows, (k + 1) * b));
+    std::vector<float> scratch(scratch_floats);
+    for (int64_t k = first; k < last; ++k) fn(k, k * b, std::min(rows, (k + 1) * b), scratch.data());
   });
+}
+
+// One factored moment, (U * s) @ Vh, as raw pointers
+struct Factors {
+  const float *U, *s, *Vh;
+  int64_t r;
+  Factors(const at::Tensor& U_, const at::Tensor& s_, const at::Tensor& Vh_)
+      : U(U_.data_ptr<float>()), s(s_.data_ptr<float>()), Vh(Vh_.data_ptr<float>()), r(s_.size(0)) {}
+};
+
+// [M1] row i of (U * s) @ Vh into out[0, cols)
+inline void rebuild_row(const Factors& f, int64_t i, int64_t cols, float* out) {
+  if (f.r == 0) {
+    std::fill(out, out + cols, 0.f);
+    return;
+  }
+  const float* u = f.U + i * f.r;
+  const float first = u[0] * f.s[0];
+  for (int64_t j = 0; j < cols; ++j) out[j] = first * f.Vh[j];
+  for (int64_t k = 1; k < f.r; ++k) {
+    const float weight = u[k] * f.s[k];
+    const float* vh = f.Vh + k * cols;
+    for (int64_t j = 0; j < cols; ++j) out[j] += weight * vh[j];
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------
 // negative_mean: [M2]'s c for a factored second moment. Python twin: mlorc.negative_mean applied to
 // mlorc.reconstruct(U, s, Vh).
 
+// sums of |v| and counts over the negative entries of rows [begin, end), in 16 float lanes a row;
+// row holds one rebuilt row padded with zeros to a multiple of 16 (zeros are not negative)
+MLORC_CPU_CLONES void negative_rows(const Factors& v, int64_t begin, int64_t end, int64_t cols,
+                                    float* row, double* sum, double* count) {
+  const Floats16 zero = {}, one = zero + 1.f;
+  for (int64_t i = begin; i < end; ++i) {
+    rebuild_row(v, i, cols, row);
+    Floats16 row_sum = zero, row_count = zero;
+    for (int64_t j = 0; j < cols; j += kLanes) {
+      const Floats16 x = load16(row + j);
+      row_sum -= x < zero ? x : zero;
+      row_count += x < zero ? one : zero;
+    }
+    for (int l = 0; l < kLanes; ++l) {
+      *sum += row_sum[l];
+      *count += row_count[l];
+    }
+  }
+}
+
 at::Tensor negative_mean_cpu(const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh) {
   const int64_t rows = U.size(0), cols = Vh.size(1);
   check_factors(U, s, Vh, rows, cols, "negative_mean");
-  // per-block partial sums in double, reduced in block order: independent of the thread count
+  const Factors v(U, s, Vh);
+  // per-block partial sums, reduced in block order: independent of the thread count
   std::vector<double> block_sum(count_blocks(rows, cols), 0.0), block_count(block_sum.size(), 0.0);
-  for_row_blocks(rows, cols, [&](int64_t k, int64_t begin, int64_t end) {
-    const at::Tensor v = rebuild_rows(U, s, Vh, begin, end);
-    block_sum[k] = -v.clamp_max(0).sum(at::kDouble).item<double>();   // ATen's vectorized reductions
-    block_count[k] = double((v < 0).sum().item<int64_t>());
+  for_row_blocks(rows, cols, round_up16(cols), [&](int64_t k, int64_t begin, int64_t end, float* row) {
+    negative_rows(v, begin, end, cols, row, &block_sum[k], &block_count[k]);
   });
   double sum = 0.0, count = 0.0;
   for (size_t k = 0; k < block_sum.size(); ++k) {
@@ -106,29 +175,41 @@ void check_adamw_args(const at::Tensor& param, const at::Tensor& grad, const at:
   TORCH_CHECK(shift.numel() == 1 && shift.scalar_type() == at::kFloat, "mlorc: shift must be one float32");
 }
 
-void adamw_rows(at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU, const at::Tensor& ms,
-                const at::Tensor& mVh, const at::Tensor& vU, const at::Tensor& vs, const at::Tensor& vVh,
-                const at::Tensor& shift, float* m_out, float* v_out, double beta1, double beta2,
-                double lr, double weight_decay, double eps, double bc1, double bc2) {
+// rows [begin, end); m_row and v_row hold one rebuilt row each; m_out and v_out may be null
+MLORC_CPU_CLONES void adamw_rows(const AdamWArgs args, const Factors& m_old, const Factors& v_old,
+                                 int64_t begin, int64_t end, int64_t cols, float* p, const float* g,
+                                 float* m_out, float* v_out, float* m_row, float* v_row) {
+  for (int64_t i = begin; i < end; ++i) {
+    rebuild_row(m_old, i, cols, m_row);
+    rebuild_row(v_old, i, cols, v_row);
+    float* __restrict pi = p + i * cols;      // restrict: no two of these overlap, so the loops
+    const float* __restrict gi = g + i * cols;  // vectorize without run-time overlap checks
+    if (m_out == nullptr) {
+      for (int64_t j = 0; j < cols; ++j) {
+        float m, v;
+        adamw_update(args, pi[j], gi[j], m_row[j], v_row[j], m, v);
+      }
+    } else {
+      float* __restrict mi = m_out + i * cols;
+      float* __restrict vi = v_out + i * cols;
+      for (int64_t j = 0; j < cols; ++j) adamw_update(args, pi[j], gi[j], m_row[j], v_row[j], mi[j], vi[j]);
+    }
+  }
+}
+
+void adamw_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU, const at::Tensor& ms,
+               const at::Tensor& mVh, const at::Tensor& vU, const at::Tensor& vs, const at::Tensor& vVh,
+               const at::Tensor& shift, float* m_out, float* v_out, double beta1, double beta2,
+               double lr, double weight_decay, double eps, double bc1, double bc2) {
   check_adamw_args(param, grad, mU, ms, mVh, vU, vs, vVh, shift);
   const int64_t rows = param.size(0), cols = param.size(1);
   const AdamWArgs args = make_adamw_args(beta1, beta2, lr, weight_decay, eps, bc1, bc2,
                                          shift.item<float>(), ms.size(0), vs.size(0));
+  const Factors m_old(mU, ms, mVh), v_old(vU, vs, vVh);
   float* p = param.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
-  for_row_blocks(rows, cols, [&](int64_t, int64_t begin, int64_t end) {
-    const at::Tensor m_prev = rebuild_rows(mU, ms, mVh, begin, end);
-    const at::Tensor v_prev = rebuild_rows(vU, vs, vVh, begin, end);
-    const float *mp = m_prev.data_ptr<float>(), *vp = v_prev.data_ptr<float>();
-    const int64_t offset = begin * cols;
-    for (int64_t e = 0; e < (end - begin) * cols; ++e) {
-      float m, v;
-      adamw_update(args, p[offset + e], g[offset + e], mp[e], vp[e], m, v);
-      if (m_out != nullptr) {
-        m_out[offset + e] = m;
-        v_out[offset + e] = v;
-      }
-    }
+  for_row_blocks(rows, cols, 2 * cols, [&](int64_t, int64_t begin, int64_t end, float* scratch) {
+    adamw_rows(args, m_old, v_old, begin, end, cols, p, g, m_out, v_out, scratch, scratch + cols);
   });
 }
 
@@ -139,8 +220,8 @@ void adamw_step_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor&
                     double weight_decay, double eps, double bc1, double bc2) {
   check_dense(m_out, param.size(0), param.size(1), "m_out");
   check_dense(v_out, param.size(0), param.size(1), "v_out");
-  adamw_rows(param, grad, mU, ms, mVh, vU, vs, vVh, shift, m_out.data_ptr<float>(),
-             v_out.data_ptr<float>(), beta1, beta2, lr, weight_decay, eps, bc1, bc2);
+  adamw_cpu(param, grad, mU, ms, mVh, vU, vs, vVh, shift, m_out.data_ptr<float>(),
+            v_out.data_ptr<float>(), beta1, beta2, lr, weight_decay, eps, bc1, bc2);
 }
 
 void adamw_update_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU,
@@ -148,8 +229,8 @@ void adamw_update_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tenso
                       const at::Tensor& vs, const at::Tensor& vVh, const at::Tensor& shift,
                       double beta1, double beta2, double lr, double weight_decay, double eps,
                       double bc1, double bc2) {
-  adamw_rows(param, grad, mU, ms, mVh, vU, vs, vVh, shift, nullptr, nullptr, beta1, beta2, lr,
-             weight_decay, eps, bc1, bc2);
+  adamw_cpu(param, grad, mU, ms, mVh, vU, vs, vVh, shift, nullptr, nullptr, beta1, beta2, lr,
+            weight_decay, eps, bc1, bc2);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -164,23 +245,37 @@ void check_lion_args(const at::Tensor& param, const at::Tensor& grad, const at::
   check_factors(U, s, Vh, rows, cols, "exp_avg");
 }
 
-void lion_rows(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U, const at::Tensor& s,
-               const at::Tensor& Vh, float* m_out, double beta1, double beta2, double lr,
-               double weight_decay) {
+// rows [begin, end); m_row holds one rebuilt row; m_out may be null
+MLORC_CPU_CLONES void lion_rows(const LionArgs args, const Factors& m_old, int64_t begin,
+                                int64_t end, int64_t cols, float* p, const float* g, float* m_out,
+                                float* m_row) {
+  for (int64_t i = begin; i < end; ++i) {
+    rebuild_row(m_old, i, cols, m_row);
+    float* __restrict pi = p + i * cols;      // restrict: as in adamw_rows
+    const float* __restrict gi = g + i * cols;
+    if (m_out == nullptr) {
+      for (int64_t j = 0; j < cols; ++j) {
+        float m;
+        lion_update(args, pi[j], gi[j], m_row[j], m);
+      }
+    } else {
+      float* __restrict mi = m_out + i * cols;
+      for (int64_t j = 0; j < cols; ++j) lion_update(args, pi[j], gi[j], m_row[j], mi[j]);
+    }
+  }
+}
+
+void lion_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U, const at::Tensor& s,
+              const at::Tensor& Vh, float* m_out, double beta1, double beta2, double lr,
+              double weight_decay) {
   check_lion_args(param, grad, U, s, Vh);
   const int64_t rows = param.size(0), cols = param.size(1);
   const LionArgs args = make_lion_args(beta1, beta2, lr, weight_decay, s.size(0));
+  const Factors m_old(U, s, Vh);
   float* p = param.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
-  for_row_blocks(rows, cols, [&](int64_t, int64_t begin, int64_t end) {
-    const at::Tensor m_prev = rebuild_rows(U, s, Vh, begin, end);
-    const float* mp = m_prev.data_ptr<float>();
-    const int64_t offset = begin * cols;
-    for (int64_t e = 0; e < (end - begin) * cols; ++e) {
-      float m;
-      lion_update(args, p[offset + e], g[offset + e], mp[e], m);
-      if (m_out != nullptr) m_out[offset + e] = m;
-    }
+  for_row_blocks(rows, cols, cols, [&](int64_t, int64_t begin, int64_t end, float* row) {
+    lion_rows(args, m_old, begin, end, cols, p, g, m_out, row);
   });
 }
 
@@ -188,78 +283,159 @@ void lion_step_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& 
                    const at::Tensor& s, const at::Tensor& Vh, at::Tensor& m_out, double beta1,
                    double beta2, double lr, double weight_decay) {
   check_dense(m_out, param.size(0), param.size(1), "m_out");
-  lion_rows(param, grad, U, s, Vh, m_out.data_ptr<float>(), beta1, beta2, lr, weight_decay);
+  lion_cpu(param, grad, U, s, Vh, m_out.data_ptr<float>(), beta1, beta2, lr, weight_decay);
 }
 
 void lion_update_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U,
                      const at::Tensor& s, const at::Tensor& Vh, double beta1, double beta2, double lr,
                      double weight_decay) {
-  lion_rows(param, grad, U, s, Vh, nullptr, beta1, beta2, lr, weight_decay);
+  lion_cpu(param, grad, U, s, Vh, nullptr, beta1, beta2, lr, weight_decay);
 }
 
 // ---------------------------------------------------------------------------------------------------
 // moment_matmul: A @ X, or A^T @ X when transposed, for the new moment A = beta * rebuild(U, s, Vh) +
 // (1 - beta) * grad (grad * grad when squared; rebuilt entries below 0 become shift first when a
-// shift is given), without writing A out. Python twin: mlorc.FusedMoment's dense equivalent.
+// shift is given), without writing A out. Python twin: the dense moment of mlorc.FusedMoments, which
+// calls this for second moments (a first moment is linear in its parts and takes a BLAS product).
 
 void check_moment_matmul_args(const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh,
-                              const at::Tensor& grad, const at::Tensor& X, bool transposed) {
+                              const at::Tensor& grad, const c10::optional<at::Tensor>& shift,
+                              const at::Tensor& X, bool transposed) {
   const int64_t rows = U.size(0), cols = Vh.size(1);
   check_factors(U, s, Vh, rows, cols, "moment_matmul");
   check_dense(grad, rows, cols, "grad");
   TORCH_CHECK(X.dim() == 2 && X.size(0) == (transposed ? rows : cols) && X.scalar_type() == at::kFloat,
               "mlorc: moment_matmul's X must be float32 with as many rows as the product needs");
+  TORCH_CHECK(!shift.has_value() || (shift->numel() == 1 && shift->scalar_type() == at::kFloat),
+              "mlorc: moment_matmul's shift must be one float32");
+}
+
+// The moment A, one row at a time
+struct NewMoment {
+  Factors old;
+  const float* g;
+  float beta, shift;
+  bool squared, repair;
+  int64_t cols;
+
+  template <bool kSquared, bool kRepair>
+  void finish(float* row, const float* gi) const {     // one loop per case, each vectorizable
+    for (int64_t j = 0; j < cols; ++j) row[j] = moment_entry(row[j], gi[j], beta, kSquared, kRepair, shift);
+  }
+
+  // row i of A into row[0, cols)
+  void row(int64_t i, float* row) const {
+    rebuild_row(old, i, cols, row);
+    const float* gi = g + i * cols;
+    if (squared)
+      repair ? finish<true, true>(row, gi) : finish<true, false>(row, gi);
+    else
+      repair ? finish<false, true>(row, gi) : finish<false, false>(row, gi);
+  }
+};
+
+// Products take rows four at a time, so each pass over X or the output does four rows' work.
+constexpr int64_t kRowGroup = 4;
+
+// rows first .. first + kRowGroup of A into a (kRowGroup rows of `stride`); rows from `end` on are 0
+inline void moment_rows(const NewMoment& A, int64_t first, int64_t end, int64_t stride, float* a) {
+  for (int64_t t = 0; t < kRowGroup; ++t) {
+    if (first + t < end)
+      A.row(first + t, a + t * stride);
+    else
+      std::fill(a + t * stride, a + (t + 1) * stride, 0.f);
+  }
+}
+
+// rows [begin, end) of A @ X into out (rows, width): dot products of each row of A with each row of
+// X^T (width, cols), summed in 16 lanes in a fixed order. Rows of X^T and of a (kRowGroup rows of A)
+// are padded with zeros to `stride`, a multiple of 16 (a's padding is never written).
+MLORC_CPU_CLONES void product_rows(const NewMoment& A, const float* Xt, int64_t width, int64_t stride,
+                                   int64_t begin, int64_t end, float* out, float* a) {
+  for (int64_t first = begin; first < end; first += kRowGroup) {
+    const int64_t n = std::min(kRowGroup, end - first);
+    moment_rows(A, first, end, stride, a);
+    for (int64_t q = 0; q < width; ++q) {
+      const float* x = Xt + q * stride;
+      Floats16 sum[kRowGroup] = {};
+      for (int64_t j = 0; j < stride; j += kLanes) {
+        const Floats16 xj = load16(x + j);
+        for (int64_t t = 0; t < kRowGroup; ++t) sum[t] += load16(a + t * stride + j) * xj;
+      }
+      for (int64_t t = 0; t < n; ++t) {
+        float total = 0.f;
+        for (int l = 0; l < kLanes; ++l) total += sum[t][l];
+        out[(first + t) * width + q] = total;
+      }
+    }
+  }
+}
+
+// rows [begin, end)'s share of A^T @ X, added into out (width, stride) = its transpose X^T A: each
+// group of rows adds x_t * (row t of A) to each output row, 16 columns at a time. a holds kRowGroup
+// rows of A, x kRowGroup * width floats; rows of a and out are padded to `stride`, a multiple of 16.
+static_assert(kRowGroup == 4, "accumulate_rows spells out the four rows of a group");
+MLORC_CPU_CLONES void accumulate_rows(const NewMoment& A, const float* Xt, int64_t rows, int64_t width,
+                                      int64_t stride, int64_t begin, int64_t end, float* out, float* a,
+                                      float* x) {
+  for (int64_t first = begin; first < end; first += kRowGroup) {
+    moment_rows(A, first, end, stride, a);
+    for (int64_t q = 0; q < width; ++q)
+      for (int64_t t = 0; t < kRowGroup; ++t)
+        x[q * kRowGroup + t] = first + t < end ? Xt[q * rows + first + t] : 0.f;
+    for (int64_t j = 0; j < stride; j += kLanes) {
+      const Floats16 a0 = load16(a + j), a1 = load16(a + stride + j), a2 = load16(a + 2 * stride + j),
+                     a3 = load16(a + 3 * stride + j);
+      for (int64_t q = 0; q < width; ++q) {
+        const float* xq = x + q * kRowGroup;
+        const Floats16 sum = load16(out + q * stride + j) + xq[0] * a0 + xq[1] * a1 + xq[2] * a2 + xq[3] * a3;
+        std::memcpy(out + q * stride + j, &sum, sizeof sum);
+      }
+    }
+  }
 }
 
 at::Tensor moment_matmul_cpu(const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh,
                              const at::Tensor& grad, double beta, bool squared,
                              const c10::optional<at::Tensor>& shift, const at::Tensor& X,
                              bool transposed) {
-  check_moment_matmul_args(U, s, Vh, grad, X, transposed);
+  check_moment_matmul_args(U, s, Vh, grad, shift, X, transposed);
   const int64_t rows = U.size(0), cols = Vh.size(1), width = X.size(1), b = block_rows(cols);
   const bool repair = shift.has_value();
-  const float shift_value = repair ? shift->item<float>() : 0.f, beta_f = float(beta);
-  const float* g = grad.data_ptr<float>();
-  auto block_moment = [&](int64_t begin, int64_t end) {
-    at::Tensor a = rebuild_rows(U, s, Vh, begin, end);
-    float* value = a.data_ptr<float>();
-    const float* gb = g + begin * cols;
-    const int64_t count = a.numel();
-    auto fill = [&](auto squared_, auto repair_) {     // one loop per case, each vectorizable
-      for (int64_t e = 0; e < count; ++e)
-        value[e] = moment_entry(value[e], gb[e], beta_f, squared_, repair_, shift_value);
-    };
-    if (squared)
-      repair ? fill(std::true_type{}, std::true_type{}) : fill(std::true_type{}, std::false_type{});
-    else
-      repair ? fill(std::false_type{}, std::true_type{}) : fill(std::false_type{}, std::false_type{});
-    return a;
-  };
-  if (!transposed) {            // (A X)^T = X^T A^T, (r + p) x m, block by block of its columns
-    at::Tensor out = at::empty({width, rows}, X.options());
-    const at::Tensor X_t = X.t().contiguous();
-    for_row_blocks(rows, cols, [&](int64_t, int64_t begin, int64_t end) {
-      at::Tensor out_cols = out.narrow(1, begin, end - begin);
-      at::mm_out(out_cols, X_t, block_moment(begin, end).t());
+  const NewMoment A{Factors(U, s, Vh), grad.data_ptr<float>(), float(beta),
+                    repair ? shift->item<float>() : 0.f, squared, repair, cols};
+  if (!transposed) {
+    const int64_t stride = round_up16(cols);
+    at::Tensor Xt = at::zeros({width, stride}, X.options());     // X^T, rows padded with zeros
+    Xt.narrow(1, 0, cols).copy_(X.t());
+    const float* xt = Xt.data_ptr<float>();
+    at::Tensor out = at::empty({rows, width}, X.options());
+    float* o = out.data_ptr<float>();
+    for_row_blocks(rows, cols, kRowGroup * stride, [&](int64_t, int64_t begin, int64_t end, float* a) {
+      product_rows(A, xt, width, stride, begin, end, o, a);
     });
-    return out.t().contiguous();
+    return out;
   }
+  const at::Tensor Xt = X.t().contiguous();          // rsvd's X is a Q: column-major already
+  const float* xt = Xt.data_ptr<float>();
   // A^T X sums over all rows: a fixed number of row ranges (not one per thread) each sum their own
   // partial product, added in range order, so which thread runs which range does not matter.
-  // Each range accumulates (A^T X)^T = X^T A, (r + p) x n: a wide, row-major product suits BLAS here.
   const int64_t blocks = count_blocks(rows, cols), parts = std::min<int64_t>(blocks, 8);
   if (parts == 0) return at::zeros({cols, width}, X.options());         // no rows: A^T X is 0
-  at::Tensor partial = at::zeros({parts, width, cols}, X.options());
+  const int64_t stride = round_up16(cols);
+  at::Tensor partial = at::zeros({parts, width, stride}, X.options());
+  float* partial_data = partial.data_ptr<float>();
   at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
-    for (int64_t q = first; q < last; ++q)
-      for (int64_t k = q * blocks / parts; k < (q + 1) * blocks / parts; ++k) {
-        const int64_t begin = k * b, end = std::min(rows, begin + b);
-        partial.select(0, q).addmm_(X.narrow(0, begin, end - begin).t(), block_moment(begin, end));
-      }
+    std::vector<float> a(kRowGroup * stride), x(kRowGroup * width);
+    for (int64_t q = first; q < last; ++q) {
+      const int64_t begin = q * blocks / parts * b, end = std::min(rows, (q + 1) * blocks / parts * b);
+      accumulate_rows(A, xt, rows, width, stride, begin, end, partial_data + q * width * stride,
+                      a.data(), x.data());
+    }
   });
   at::Tensor total = partial.select(0, 0).clone();      // added in range order: elementwise adds,
   for (int64_t q = 1; q < parts; ++q) total.add_(partial.select(0, q));   // whatever the threads
-  return total.t().contiguous();
+  return total.narrow(1, 0, cols).t().contiguous();
 }
 
 TORCH_LIBRARY(mlorc, m) {
@@ -305,9 +481,10 @@ void lion_update_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const a
                       const at::Tensor&, double, double, double, double) {}
 
 at::Tensor moment_matmul_meta(const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh,
-                              const at::Tensor& grad, double, bool, const c10::optional<at::Tensor>&,
-                              const at::Tensor& X, bool transposed) {
-  check_moment_matmul_args(U, s, Vh, grad, X, transposed);
+                              const at::Tensor& grad, double, bool,
+                              const c10::optional<at::Tensor>& shift, const at::Tensor& X,
+                              bool transposed) {
+  check_moment_matmul_args(U, s, Vh, grad, shift, X, transposed);
   return at::empty({transposed ? Vh.size(1) : U.size(0), X.size(1)}, X.options());
 }
 

@@ -105,42 +105,62 @@ def dense_moment(old, g, beta, squared=False, shift=None):
     return rebuilt * beta + (g * g if squared else g) * (1 - beta)
 
 
-def test_update_ops_are_the_step_ops_without_moments(ext):
-    """adamw_update_ / lion_update_ (CPU) move the parameter exactly as adamw_step_ / lion_step_."""
-    for case in sample_inputs("cpu"):
-        shift = ext.negative_mean(*case["v"])
+def _test_update_ops(ops, device):
+    """adamw_update_ / lion_update_ move the parameter exactly as adamw_step_ / lion_step_."""
+    for case in sample_inputs(device):
+        shift = ops.negative_mean(*case["v"])
         scalars = (0.9, 0.99, 1e-2, 0.1, 1e-8, 0.1, 0.01)
         p_step, p_update = case["p"].clone(), case["p"].clone()
-        ext.adamw_step_(p_step, case["g"], *case["m"], *case["v"], shift, torch.empty_like(p_step),
+        ops.adamw_step_(p_step, case["g"], *case["m"], *case["v"], shift, torch.empty_like(p_step),
                         torch.empty_like(p_step), *scalars)
-        ext.adamw_update_(p_update, case["g"], *case["m"], *case["v"], shift, *scalars)
+        ops.adamw_update_(p_update, case["g"], *case["m"], *case["v"], shift, *scalars)
         assert torch.equal(p_step, p_update)
         p_step, p_update = case["p"].clone(), case["p"].clone()
-        ext.lion_step_(p_step, case["g"], *case["m"], torch.empty_like(p_step), 0.9, 0.99, 1e-2, 0.1)
-        ext.lion_update_(p_update, case["g"], *case["m"], 0.9, 0.99, 1e-2, 0.1)
+        ops.lion_step_(p_step, case["g"], *case["m"], torch.empty_like(p_step), 0.9, 0.99, 1e-2, 0.1)
+        ops.lion_update_(p_update, case["g"], *case["m"], 0.9, 0.99, 1e-2, 0.1)
         assert torch.equal(p_step, p_update)
 
 
-# (rows, cols): one block of rows, a few blocks with a short last one, more blocks than the 8 ranges
-# that the transposed product sums separately
-@pytest.mark.parametrize("rows,cols", [(12, 10), (300, 100), (5000, 64)])
-def test_moment_matmul_matches_the_dense_product(ext, rows, cols):
-    """Both products sum the same terms in another order (row blocks, BLAS), so each result differs by
-    rounding relative to the sum of the terms' magnitudes, |A| @ |X|: measured at most 2.4e-7 of it
-    (4 u, u = 6e-8), bounded by about sqrt(n) u = 4e-6 for n = 5000 terms. 1e-5 of it still catches
-    a wrong block, beta or repair, which moves results by ~1 / sqrt(n) = 1e-2 of it or more."""
-    gen = torch.Generator().manual_seed(rows)
-    old = (torch.randn(rows, 4, generator=gen), torch.rand(4, generator=gen),
-           torch.randn(4, cols, generator=gen))
-    g = torch.randn(rows, cols, generator=gen)
-    for squared, shift in [(False, None), (True, ext.negative_mean(*old))]:
-        A = dense_moment(old, g, 0.9, squared, shift)
-        X_cols = torch.linalg.qr(torch.randn(cols, 6, generator=gen)).Q      # column-major, as rsvd's
-        X_rows = torch.randn(rows, 6, generator=gen)
-        for transposed, X, expected, scale in [(False, X_cols, A @ X_cols, A.abs() @ X_cols.abs()),
-                                               (True, X_rows, A.T @ X_rows, A.abs().T @ X_rows.abs())]:
-            ours = ext.moment_matmul(*old, g, 0.9, squared, shift, X, transposed)
-            assert ((ours - expected).abs() <= 1e-5 * scale).all()
+def _test_moment_matmul(ops, device):
+    """Both products sum the same terms in another order (rows in groups and lanes, or chunks; BLAS),
+    so each result differs by rounding relative to the sum of the terms' magnitudes, |A| @ |X|:
+    measured at most 2.4e-7 of it (4 u, u = 6e-8), bounded by about sqrt(n) u = 4e-6 for n = 5000
+    terms. 1e-5 of it still catches a wrong block, beta or repair, which moves results by
+    ~1 / sqrt(n) = 1e-2 of it or more. Shapes: one block of rows, a few with a short last one, more
+    than the 8 ranges the CPU's transposed product sums separately, widths that are not a multiple
+    of the CPU's 16 lanes, and (CUDA) more rows than one 4M-entry chunk."""
+    shapes = [(12, 10), (300, 100), (5000, 64), (40, 33)] + ([(70000, 65)] if device == "cuda" else [])
+    for rows, cols in shapes:
+        gen = torch.Generator().manual_seed(rows)
+        old = tuple(t.to(device) for t in (torch.randn(rows, 4, generator=gen), torch.rand(4, generator=gen),
+                                           torch.randn(4, cols, generator=gen)))
+        g = torch.randn(rows, cols, generator=gen).to(device)
+        for squared, shift in [(False, None), (True, ops.negative_mean(*old))]:
+            A = dense_moment(old, g, 0.9, squared, shift)
+            X_cols = torch.linalg.qr(torch.randn(cols, 6, generator=gen)).Q.to(device)   # column-major,
+            X_rows = torch.randn(rows, 6, generator=gen).to(device)                      # as rsvd's
+            for transposed, X, expected, scale in [(False, X_cols, A @ X_cols, A.abs() @ X_cols.abs()),
+                                                   (True, X_rows, A.T @ X_rows, A.abs().T @ X_rows.abs())]:
+                ours = ops.moment_matmul(*old, g, 0.9, squared, shift, X, transposed)
+                assert ((ours - expected).abs() <= 1e-5 * scale).all()
+
+
+def test_fused_moments_multiply_like_the_dense_stack(ext, device):
+    """FusedMoments stands for the stack of dense new moments in rsvd: A @ X and A.mT @ X agree with
+    the dense stack's, within the rounding bound of _test_moment_matmul (first moments take the
+    BLAS identity, second moments moment_matmul)."""
+    gen = torch.Generator().manual_seed(3)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device)
+    g, old = rand(300, 70), (rand(300, 4), rand(4).abs(), rand(4, 70))
+    shift = ext.negative_mean(*old)
+    moments = [mlorc.NewMoment(g, old, 0.9), mlorc.NewMoment(g, old, 0.99, True, shift)]
+    A = mlorc.FusedMoments(moments)
+    dense = torch.stack([dense_moment(old, g, 0.9), dense_moment(old, g, 0.99, True, shift)])
+    assert A.shape == dense.shape and A.mT.shape == dense.mT.shape
+    for ours, theirs, X in [(A, dense, rand(2, 70, 5)), (A.mT, dense.mT, rand(2, 300, 5))]:
+        assert ((ours @ X - theirs @ X).abs() <= 1e-5 * (theirs.abs() @ X.abs())).all()
 
 
 def test_moment_matmul_is_deterministic(ext):
@@ -161,18 +181,6 @@ def test_moment_matmul_is_deterministic(ext):
         torch.set_num_threads(threads)
 
 
-def test_new_ops_pass_opcheck(ext):
-    case = next(iter(sample_inputs("cpu")))
-    p, g = case["p"].clone(), case["g"]
-    shift = ext.negative_mean(*case["v"])
-    scalars = (0.9, 0.99, 1e-2, 0.1, 1e-8, 0.1, 0.01)
-    torch.library.opcheck(ext.adamw_update_, (p, g, *case["m"], *case["v"], shift, *scalars))
-    torch.library.opcheck(ext.lion_update_, (p, g, *case["m"], 0.9, 0.99, 1e-2, 0.1))
-    for transposed, X in [(False, torch.randn(p.shape[1], 3)), (True, torch.randn(p.shape[0], 3))]:
-        torch.library.opcheck(ext.moment_matmul, (*case["v"], g, 0.9, True, shift, X, transposed))
-        torch.library.opcheck(ext.moment_matmul, (*case["m"], g, 0.9, False, None, X, transposed))
-
-
 def _test_opcheck(ops, device):
     case = next(iter(sample_inputs(device)))
     p, g = case["p"].clone(), case["g"]
@@ -181,6 +189,13 @@ def _test_opcheck(ops, device):
     torch.library.opcheck(ops.adamw_step_, (p, g, *case["m"], *case["v"], shift, torch.empty_like(p),
                                             torch.empty_like(p), 0.9, 0.99, 1e-2, 0.1, 1e-8, 0.1, 0.01))
     torch.library.opcheck(ops.lion_step_, (p, g, *case["m"], torch.empty_like(p), 0.9, 0.99, 1e-2, 0.1))
+    torch.library.opcheck(ops.adamw_update_, (p, g, *case["m"], *case["v"], shift, 0.9, 0.99, 1e-2, 0.1,
+                                              1e-8, 0.1, 0.01))
+    torch.library.opcheck(ops.lion_update_, (p, g, *case["m"], 0.9, 0.99, 1e-2, 0.1))
+    for transposed, size in [(False, p.shape[1]), (True, p.shape[0])]:
+        X = torch.randn(size, 3, device=device)
+        torch.library.opcheck(ops.moment_matmul, (*case["v"], g, 0.9, True, shift, X, transposed))
+        torch.library.opcheck(ops.moment_matmul, (*case["m"], g, 0.9, False, None, X, transposed))
 
 
 def _test_bad_shapes_raise(ops, device):
@@ -193,7 +208,8 @@ def _test_bad_shapes_raise(ops, device):
                        1e-2, 0.0)
 
 
-CHECKS = [_test_negative_mean, _test_adamw_step, _test_lion_step, _test_opcheck, _test_bad_shapes_raise]
+CHECKS = [_test_negative_mean, _test_adamw_step, _test_lion_step, _test_update_ops, _test_moment_matmul,
+          _test_opcheck, _test_bad_shapes_raise]
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda f: f.__name__[6:])
@@ -236,19 +252,21 @@ def test_optimizer_with_extension_matches_pure_pytorch(ext, cls, kwargs, device)
 
 @pytest.mark.parametrize("power_iters", [0, 2])
 @pytest.mark.parametrize("cls", [mlorc.MLorc_AdamW, mlorc.MLorc_Lion], ids=["AdamW", "Lion"])
-def test_products_only_compression_matches_pure_pytorch(ext, cls, power_iters):
-    """On the CPU the fused step never writes the new moments: [M4] sketches them through
-    moment_matmul. Matrices of several row blocks, at every power_iters, agree with the pure path
-    to the tolerance above (the rsvd of the same moments, computed in another order)."""
+def test_products_only_compression_matches_pure_pytorch(ext, cls, power_iters, device):
+    """Where [M4] sketches, the fused step never writes the new moments: [M4] reaches them through
+    products (FusedMoments). Matrices of several row blocks, same-shape ones batched together, at
+    every power_iters, agree with the pure path to the tolerance above (the rsvd of the same
+    moments, computed in another order)."""
     def run(extension):
         with extension_mode(extension):
             gen = torch.Generator().manual_seed(0)
-            params = [torch.randn(s, generator=gen).requires_grad_() for s in [(700, 48), (40, 300)]]
+            params = [torch.randn(s, generator=gen).to(device).requires_grad_()
+                      for s in [(700, 48), (40, 300), (700, 48)]]
             opt = cls(params, lr=1e-2, rank=3, oversampling=2, power_iters=power_iters)
             for _ in range(10):
                 for p in params:
                     g = torch.randn(p.shape, generator=gen)
-                    p.grad = g.sign() * (g.abs() + 0.1)
+                    p.grad = (g.sign() * (g.abs() + 0.1)).to(device)
                 opt.step()
             return params
     for a, b in zip(run("0"), run("1")):
