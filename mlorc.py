@@ -80,6 +80,7 @@ __all__ = [
 ]
 
 ATAN2_SCALE = 4 / math.pi  # Adam-atan2's a: makes the update's scale match Adam's for |m| ~ sqrt(v)
+SMALL_MATRIX = 1 << 18     # entries (1 MiB in fp32): below, the extension's passes use one thread
 FUSED_MAX_RANK = 32        # the extension rebuilds each entry with an r-term loop: past a few dozen
                            # terms the matmul of the pure path is faster
 
@@ -1115,8 +1116,11 @@ class FusedMoments:
     def product(self, A, X):
         """A @ X, or A^T @ X when transposed, for one NewMoment A."""
         (U, s, Vh), G = A.old, A.g
-        if A.squared or A.shift is not None:
-            return torch.ops.mlorc.moment_matmul(U, s, Vh, G, A.beta, A.squared, A.shift, X, self.transposed)
+        # moment_matmul for small matrices too: three BLAS calls may cost more than the product
+        # (each can wake BLAS's threads), where moment_matmul runs on this thread alone
+        if A.squared or A.shift is not None or G.numel() < SMALL_MATRIX:
+            return torch.ops.mlorc.moment_matmul(U, s, Vh, G, A.beta, A.squared, A.shift, X,
+                                                 self.transposed)
         if self.transposed:       # G^T X as (X^T G)^T: BLAS is several times slower at the tall form
             U, Vh, GX = Vh.mT, U.mT, (X.mT @ G).mT
         else:

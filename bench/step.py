@@ -136,6 +136,26 @@ def main():
               f"{peak_text:>16}")
     print(f"(step peak extra: bytes the step allocates and holds at once, beyond parameters, gradients "
           f"and state, in units of the largest matrix in fp32, {largest / 2**20:.0f} MiB)")
+    print(thin_product_rate(params, args.rank + 4, cuda))
+
+
+def thin_product_rate(params, width, cuda):
+    """What one of [M4]'s products runs at here: the largest matrix times a width-wide matrix, the
+    kind of product that sets the floor of an MLorc step (see the README)."""
+    G = max(params, key=lambda p: p.numel()).grad.float()
+    X = torch.randn(G.shape[1], width, device=G.device)
+    for _ in range(2):
+        G @ X
+    if cuda:
+        torch.cuda.synchronize()
+    start, runs = time.perf_counter(), 10
+    for _ in range(runs):
+        G @ X
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / runs
+    return (f"(one thin product, {tuple(G.shape)} @ ({G.shape[1]}, {width}) in fp32: {seconds * 1e3:.2f} ms, "
+            f"{2 * G.numel() * width / seconds / 1e9:.0f} GFLOP/s)")
 
 
 if __name__ == "__main__":

@@ -83,12 +83,22 @@ int64_t count_blocks(int64_t rows, int64_t cols) {
   return (rows + b - 1) / b;
 }
 
+// Threads take part only from kParallelBlocks blocks on: waking them costs tens of microseconds
+// (hundreds where OMP_WAIT_POLICY=PASSIVE puts idle ones to sleep), a small matrix's whole pass.
+constexpr int64_t kParallelBlocks = 4;
+
+// at::parallel_for over [0, count) for a matrix of `blocks` blocks: on this thread alone if small
+template <typename Fn>
+void parallel_for_matrix(int64_t count, int64_t blocks, const Fn& fn) {
+  at::parallel_for(0, count, blocks >= kParallelBlocks ? 1 : std::max<int64_t>(count, 1), fn);
+}
+
 // fn(block, begin, end, scratch) for every block of rows, blocks in parallel; scratch holds
 // scratch_floats floats per thread
 template <typename Fn>
 void for_row_blocks(int64_t rows, int64_t cols, int64_t scratch_floats, const Fn& fn) {
-  const int64_t b = block_rows(cols);
-  at::parallel_for(0, count_blocks(rows, cols), 1, [&](int64_t first, int64_t last) {
+  const int64_t b = block_rows(cols), blocks = count_blocks(rows, cols);
+  parallel_for_matrix(blocks, blocks, [&](int64_t first, int64_t last) {
     std::vector<float> scratch(scratch_floats);
     for (int64_t k = first; k < last; ++k) fn(k, k * b, std::min(rows, (k + 1) * b), scratch.data());
   });
@@ -425,7 +435,7 @@ at::Tensor moment_matmul_cpu(const at::Tensor& U, const at::Tensor& s, const at:
   const int64_t stride = round_up16(cols);
   at::Tensor partial = at::zeros({parts, width, stride}, X.options());
   float* partial_data = partial.data_ptr<float>();
-  at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
+  parallel_for_matrix(parts, blocks, [&](int64_t first, int64_t last) {
     std::vector<float> a(kRowGroup * stride), x(kRowGroup * width);
     for (int64_t q = first; q < last; ++q) {
       const int64_t begin = q * blocks / parts * b, end = std::min(rows, (q + 1) * blocks / parts * b);

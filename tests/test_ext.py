@@ -145,10 +145,12 @@ def _test_moment_matmul(ops, device):
                 assert ((ours - expected).abs() <= 1e-5 * scale).all()
 
 
-def test_fused_moments_multiply_like_the_dense_stack(ext, device):
+# SMALL_MATRIX 0: first moments take the BLAS identity; 2^30: moment_matmul, as small matrices do
+@pytest.mark.parametrize("small_matrix", [0, 1 << 30], ids=["blas", "moment_matmul"])
+def test_fused_moments_multiply_like_the_dense_stack(ext, device, small_matrix, monkeypatch):
     """FusedMoments stands for the stack of dense new moments in rsvd: A @ X and A.mT @ X agree with
-    the dense stack's, within the rounding bound of _test_moment_matmul (first moments take the
-    BLAS identity, second moments moment_matmul)."""
+    the dense stack's, within the rounding bound of _test_moment_matmul."""
+    monkeypatch.setattr(mlorc, "SMALL_MATRIX", small_matrix)
     gen = torch.Generator().manual_seed(3)
 
     def rand(*shape):
@@ -250,13 +252,17 @@ def test_optimizer_with_extension_matches_pure_pytorch(ext, cls, kwargs, device)
         assert not torch.equal(a, s)
 
 
+@pytest.mark.parametrize("small_matrix", [0, 1 << 30], ids=["blas", "moment_matmul"])
 @pytest.mark.parametrize("power_iters", [0, 2])
 @pytest.mark.parametrize("cls", [mlorc.MLorc_AdamW, mlorc.MLorc_Lion], ids=["AdamW", "Lion"])
-def test_products_only_compression_matches_pure_pytorch(ext, cls, power_iters, device):
+def test_products_only_compression_matches_pure_pytorch(ext, cls, power_iters, device, small_matrix,
+                                                        monkeypatch):
     """Where [M4] sketches, the fused step never writes the new moments: [M4] reaches them through
     products (FusedMoments). Matrices of several row blocks, same-shape ones batched together, at
     every power_iters, agree with the pure path to the tolerance above (the rsvd of the same
-    moments, computed in another order)."""
+    moments, computed in another order). First moments take either of their two products."""
+    monkeypatch.setattr(mlorc, "SMALL_MATRIX", small_matrix)
+
     def run(extension):
         with extension_mode(extension):
             gen = torch.Generator().manual_seed(0)
