@@ -46,9 +46,10 @@ void check_dense(const at::Tensor& t, int64_t rows, int64_t cols, const char* wh
 // The CPU kernels walk the matrix row by row. Each row of an old moment is rebuilt into a small buffer
 // from its factors ([M1]: r multiply-adds an entry, and the row stays in L1), used entry by entry,
 // and dropped: no m x n tensor, no per-block allocation or BLAS call. Every kernel rebuilds with the
-// same function, so all of them see the same numbers. The row loops are compiled three times
-// (AVX-512, AVX2 with FMA, baseline x86-64) and the loader picks the best one this CPU runs, so one
-// build (setup.py's ahead-of-time one included) stays portable across machines.
+// same function, so all of them see the same numbers. Built by GCC for x86-64, the row loops are
+// compiled three times (AVX-512, AVX2 with FMA, baseline x86-64) and the loader picks the best one
+// this CPU runs, so one build (setup.py's ahead-of-time one included) stays portable across machines;
+// other compilers and CPUs get one build for their baseline.
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define MLORC_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
