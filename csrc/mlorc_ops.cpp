@@ -51,7 +51,7 @@ void check_dense(const at::Tensor& t, int64_t rows, int64_t cols, const char* wh
 // this CPU runs, so one build (setup.py's ahead-of-time one included) stays portable across machines;
 // other compilers and CPUs get one build for their baseline.
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)  // ifunc
 #define MLORC_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define MLORC_CPU_CLONES
