@@ -1049,9 +1049,9 @@ def prebuilt_extension():
     found = sorted(f for f in os.listdir(here) if f.startswith("mlorc_ext") and f.endswith((".so", ".pyd")))
     if not found:
         return None
-    library = os.path.join(here, found[0])
-    sources = [path for path in extension_sources(with_cuda=True) if os.path.exists(path)]
-    if any(os.path.getmtime(path) > os.path.getmtime(library) for path in sources):
+    library, csrc = os.path.join(here, found[0]), os.path.join(here, "csrc")
+    sources = [os.path.join(csrc, f) for f in os.listdir(csrc)] if os.path.isdir(csrc) else []
+    if any(os.path.getmtime(path) > os.path.getmtime(library) for path in sources):   # headers too
         return None
     return library
 

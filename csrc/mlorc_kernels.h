@@ -13,7 +13,9 @@
 namespace mlorc {
 
 struct AdamWArgs {
-  float beta1, beta2, lr, decay, eps, bc1, sqrt_bc2, shift;
+  // Adam's (m / bc1) / (sqrt(v) / sqrt(bc2) + eps), with its three divisions folded into one:
+  // step_size * m / (sqrt(v) + eps_hat), step_size = lr sqrt(bc2) / bc1, eps_hat = eps sqrt(bc2)
+  float beta1, beta2, step_size, decay, eps_hat, shift;
   int64_t rank_m, rank_v;
 };
 
@@ -25,8 +27,8 @@ struct LionArgs {
 inline AdamWArgs make_adamw_args(double beta1, double beta2, double lr, double weight_decay,
                                  double eps, double bc1, double bc2, float shift, int64_t rank_m,
                                  int64_t rank_v) {
-  return AdamWArgs{float(beta1), float(beta2), float(lr), float(1.0 - lr * weight_decay), float(eps),
-                   float(bc1), float(std::sqrt(bc2)), shift, rank_m, rank_v};
+  return AdamWArgs{float(beta1), float(beta2), float(lr * std::sqrt(bc2) / bc1),
+                   float(1.0 - lr * weight_decay), float(eps * std::sqrt(bc2)), shift, rank_m, rank_v};
 }
 
 inline LionArgs make_lion_args(double beta1, double beta2, double lr, double weight_decay, int64_t rank) {
@@ -47,8 +49,7 @@ MLORC_HD void adamw_update(const AdamWArgs& a, float& p, float g, float m_prev, 
   if (v_prev < 0.f) v_prev = a.shift;
   m = m_prev * a.beta1 + g * (1.f - a.beta1);
   v = v_prev * a.beta2 + g * g * (1.f - a.beta2);
-  const float d = (m / a.bc1) / (sqrtf(v) / a.sqrt_bc2 + a.eps);
-  p = p * a.decay - a.lr * d;
+  p = p * a.decay - a.step_size * (m / (sqrtf(v) + a.eps_hat));
 }
 
 // MLorc_AdamW at entry (i, j): [M1] rebuild, then adamw_update; the new moments are written out

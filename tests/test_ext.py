@@ -368,5 +368,9 @@ def test_a_prebuilt_library_older_than_csrc_is_not_used(tmp_path):
     newest = max(path.stat().st_mtime for path in (tmp_path / "csrc").iterdir())
     os.utime(library, (newest + 10, newest + 10))
     assert copy.prebuilt_extension() == str(library)
+    os.utime(tmp_path / "csrc" / "mlorc_kernels.h", (newest + 20, newest + 20))  # a header edited
+    assert copy.prebuilt_extension() is None                                     # after the build
+    os.utime(library, (newest + 30, newest + 30))
+    assert copy.prebuilt_extension() == str(library)
     os.utime(library, (newest - 10, newest - 10))                   # csrc/ edited after the build
     assert copy.prebuilt_extension() is None
