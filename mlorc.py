@@ -1044,7 +1044,7 @@ def extension_sources(with_cuda):
 
 def prebuilt_extension():
     """The library that `MLORC_BUILD_EXT=1 pip install` (setup.py) built beside this file, unless a
-    csrc/ source beside it is newer (then it is stale and the JIT build runs instead)."""
+    csrc/ file beside it (a source or a header) is newer: then it is stale and the JIT build runs."""
     here = os.path.dirname(os.path.abspath(__file__))
     found = sorted(f for f in os.listdir(here) if f.startswith("mlorc_ext") and f.endswith((".so", ".pyd")))
     if not found:

@@ -8,20 +8,9 @@
 #include <torch/library.h>
 
 #include "mlorc_kernels.h"
+#include "mlorc_ops.h"
 
 namespace mlorc {
-
-void check_factors(const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh, int64_t rows,
-                   int64_t cols, const char* what);
-void check_dense(const at::Tensor& t, int64_t rows, int64_t cols, const char* what);
-void check_adamw_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU,
-                      const at::Tensor& ms, const at::Tensor& mVh, const at::Tensor& vU,
-                      const at::Tensor& vs, const at::Tensor& vVh, const at::Tensor& shift);
-void check_lion_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& U,
-                     const at::Tensor& s, const at::Tensor& Vh);
-void check_moment_matmul_args(const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh,
-                              const at::Tensor& grad, const c10::optional<at::Tensor>& shift,
-                              const at::Tensor& X, bool transposed);
 
 namespace {
 
@@ -122,26 +111,6 @@ void adamw_cuda(at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void adamw_step_cuda(at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU,
-                     const at::Tensor& ms, const at::Tensor& mVh, const at::Tensor& vU,
-                     const at::Tensor& vs, const at::Tensor& vVh, const at::Tensor& shift,
-                     at::Tensor& m_out, at::Tensor& v_out, double beta1, double beta2, double lr,
-                     double weight_decay, double eps, double bc1, double bc2) {
-  check_dense(m_out, param.size(0), param.size(1), "m_out");
-  check_dense(v_out, param.size(0), param.size(1), "v_out");
-  adamw_cuda(param, grad, mU, ms, mVh, vU, vs, vVh, shift, m_out.data_ptr<float>(),
-             v_out.data_ptr<float>(), beta1, beta2, lr, weight_decay, eps, bc1, bc2);
-}
-
-void adamw_update_cuda(at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU,
-                       const at::Tensor& ms, const at::Tensor& mVh, const at::Tensor& vU,
-                       const at::Tensor& vs, const at::Tensor& vVh, const at::Tensor& shift,
-                       double beta1, double beta2, double lr, double weight_decay, double eps,
-                       double bc1, double bc2) {
-  adamw_cuda(param, grad, mU, ms, mVh, vU, vs, vVh, shift, nullptr, nullptr, beta1, beta2, lr,
-             weight_decay, eps, bc1, bc2);
-}
-
 // m_out: where the new momentum goes, or null (the update only)
 void lion_cuda(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U, const at::Tensor& s,
                const at::Tensor& Vh, float* m_out, double beta1, double beta2, double lr,
@@ -154,19 +123,6 @@ void lion_cuda(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U, c
       make_lion_args(beta1, beta2, lr, weight_decay, s.size(0)), rows, cols, param.data_ptr<float>(),
       grad.data_ptr<float>(), U.data_ptr<float>(), s.data_ptr<float>(), Vh.data_ptr<float>(), m_out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-void lion_step_cuda(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U,
-                    const at::Tensor& s, const at::Tensor& Vh, at::Tensor& m_out, double beta1,
-                    double beta2, double lr, double weight_decay) {
-  check_dense(m_out, param.size(0), param.size(1), "m_out");
-  lion_cuda(param, grad, U, s, Vh, m_out.data_ptr<float>(), beta1, beta2, lr, weight_decay);
-}
-
-void lion_update_cuda(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U,
-                      const at::Tensor& s, const at::Tensor& Vh, double beta1, double beta2,
-                      double lr, double weight_decay) {
-  lion_cuda(param, grad, U, s, Vh, nullptr, beta1, beta2, lr, weight_decay);
 }
 
 // A @ X or A^T @ X, a chunk of at most 4M entries (16 MiB) of A at a time: the only m x n memory
@@ -207,10 +163,10 @@ at::Tensor moment_matmul_cuda(const at::Tensor& U, const at::Tensor& s, const at
 
 TORCH_LIBRARY_IMPL(mlorc, CUDA, m) {
   m.impl("negative_mean", &negative_mean_cuda);
-  m.impl("adamw_step_", &adamw_step_cuda);
-  m.impl("lion_step_", &lion_step_cuda);
-  m.impl("adamw_update_", &adamw_update_cuda);
-  m.impl("lion_update_", &lion_update_cuda);
+  m.impl("adamw_step_", &adamw_step<adamw_cuda>);
+  m.impl("lion_step_", &lion_step<lion_cuda>);
+  m.impl("adamw_update_", &adamw_update<adamw_cuda>);
+  m.impl("lion_update_", &lion_update<lion_cuda>);
   m.impl("moment_matmul", &moment_matmul_cuda);
 }
 

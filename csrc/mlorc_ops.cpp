@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "mlorc_kernels.h"
+#include "mlorc_ops.h"
 
 namespace mlorc {
 
@@ -224,26 +225,6 @@ void adamw_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU, 
   });
 }
 
-void adamw_step_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU,
-                    const at::Tensor& ms, const at::Tensor& mVh, const at::Tensor& vU,
-                    const at::Tensor& vs, const at::Tensor& vVh, const at::Tensor& shift,
-                    at::Tensor& m_out, at::Tensor& v_out, double beta1, double beta2, double lr,
-                    double weight_decay, double eps, double bc1, double bc2) {
-  check_dense(m_out, param.size(0), param.size(1), "m_out");
-  check_dense(v_out, param.size(0), param.size(1), "v_out");
-  adamw_cpu(param, grad, mU, ms, mVh, vU, vs, vVh, shift, m_out.data_ptr<float>(),
-            v_out.data_ptr<float>(), beta1, beta2, lr, weight_decay, eps, bc1, bc2);
-}
-
-void adamw_update_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU,
-                      const at::Tensor& ms, const at::Tensor& mVh, const at::Tensor& vU,
-                      const at::Tensor& vs, const at::Tensor& vVh, const at::Tensor& shift,
-                      double beta1, double beta2, double lr, double weight_decay, double eps,
-                      double bc1, double bc2) {
-  adamw_cpu(param, grad, mU, ms, mVh, vU, vs, vVh, shift, nullptr, nullptr, beta1, beta2, lr,
-            weight_decay, eps, bc1, bc2);
-}
-
 // ---------------------------------------------------------------------------------------------------
 // lion_step_ / lion_update_: [M1], [M3], [M6], [M7] of MLorc_Lion for one fp32 matrix in one pass,
 // with or without writing the new dense momentum. Python twin: MLorc_Lion._direction, apply_update_.
@@ -288,19 +269,6 @@ void lion_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U, co
   for_row_blocks(rows, cols, cols, [&](int64_t, int64_t begin, int64_t end, float* row) {
     lion_rows(args, m_old, begin, end, cols, p, g, m_out, row);
   });
-}
-
-void lion_step_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U,
-                   const at::Tensor& s, const at::Tensor& Vh, at::Tensor& m_out, double beta1,
-                   double beta2, double lr, double weight_decay) {
-  check_dense(m_out, param.size(0), param.size(1), "m_out");
-  lion_cpu(param, grad, U, s, Vh, m_out.data_ptr<float>(), beta1, beta2, lr, weight_decay);
-}
-
-void lion_update_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U,
-                     const at::Tensor& s, const at::Tensor& Vh, double beta1, double beta2, double lr,
-                     double weight_decay) {
-  lion_cpu(param, grad, U, s, Vh, nullptr, beta1, beta2, lr, weight_decay);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -510,10 +478,10 @@ TORCH_LIBRARY_IMPL(mlorc, Meta, m) {
 
 TORCH_LIBRARY_IMPL(mlorc, CPU, m) {
   m.impl("negative_mean", &negative_mean_cpu);
-  m.impl("adamw_step_", &adamw_step_cpu);
-  m.impl("lion_step_", &lion_step_cpu);
-  m.impl("adamw_update_", &adamw_update_cpu);
-  m.impl("lion_update_", &lion_update_cpu);
+  m.impl("adamw_step_", &adamw_step<adamw_cpu>);
+  m.impl("lion_step_", &lion_step<lion_cpu>);
+  m.impl("adamw_update_", &adamw_update<adamw_cpu>);
+  m.impl("lion_update_", &lion_update<lion_cpu>);
   m.impl("moment_matmul", &moment_matmul_cpu);
 }
 

@@ -1,0 +1,72 @@
+// Declarations shared by the CPU (mlorc_ops.cpp) and CUDA (mlorc_cuda.cu) operators: the argument
+// checks, and the two entry points every backend's fused pass gets (with and without new moments).
+#pragma once
+#include <ATen/ATen.h>
+
+namespace mlorc {
+
+void check_factors(const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh, int64_t rows,
+                   int64_t cols, const char* what);
+void check_dense(const at::Tensor& t, int64_t rows, int64_t cols, const char* what);
+void check_adamw_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU,
+                      const at::Tensor& ms, const at::Tensor& mVh, const at::Tensor& vU,
+                      const at::Tensor& vs, const at::Tensor& vVh, const at::Tensor& shift);
+void check_lion_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& U,
+                     const at::Tensor& s, const at::Tensor& Vh);
+void check_moment_matmul_args(const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh,
+                              const at::Tensor& grad, const c10::optional<at::Tensor>& shift,
+                              const at::Tensor& X, bool transposed);
+
+// A backend's fused MLorc_AdamW pass over one matrix: moves param, and writes the new moments to
+// m_out and v_out unless they are null.
+using AdamWPass = void (*)(at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU,
+                           const at::Tensor& ms, const at::Tensor& mVh, const at::Tensor& vU,
+                           const at::Tensor& vs, const at::Tensor& vVh, const at::Tensor& shift,
+                           float* m_out, float* v_out, double beta1, double beta2, double lr,
+                           double weight_decay, double eps, double bc1, double bc2);
+
+// mlorc::adamw_step_ on a backend: the pass, writing the new moments
+template <AdamWPass pass>
+void adamw_step(at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU, const at::Tensor& ms,
+                const at::Tensor& mVh, const at::Tensor& vU, const at::Tensor& vs, const at::Tensor& vVh,
+                const at::Tensor& shift, at::Tensor& m_out, at::Tensor& v_out, double beta1,
+                double beta2, double lr, double weight_decay, double eps, double bc1, double bc2) {
+  check_dense(m_out, param.size(0), param.size(1), "m_out");
+  check_dense(v_out, param.size(0), param.size(1), "v_out");
+  pass(param, grad, mU, ms, mVh, vU, vs, vVh, shift, m_out.data_ptr<float>(), v_out.data_ptr<float>(),
+       beta1, beta2, lr, weight_decay, eps, bc1, bc2);
+}
+
+// mlorc::adamw_update_ on a backend: the pass, moving the parameter only
+template <AdamWPass pass>
+void adamw_update(at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU,
+                  const at::Tensor& ms, const at::Tensor& mVh, const at::Tensor& vU,
+                  const at::Tensor& vs, const at::Tensor& vVh, const at::Tensor& shift, double beta1,
+                  double beta2, double lr, double weight_decay, double eps, double bc1, double bc2) {
+  pass(param, grad, mU, ms, mVh, vU, vs, vVh, shift, nullptr, nullptr, beta1, beta2, lr, weight_decay,
+       eps, bc1, bc2);
+}
+
+// A backend's fused MLorc_Lion pass over one matrix: moves param, and writes the new momentum to
+// m_out unless it is null.
+using LionPass = void (*)(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U,
+                          const at::Tensor& s, const at::Tensor& Vh, float* m_out, double beta1,
+                          double beta2, double lr, double weight_decay);
+
+// mlorc::lion_step_ on a backend: the pass, writing the new momentum
+template <LionPass pass>
+void lion_step(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U, const at::Tensor& s,
+               const at::Tensor& Vh, at::Tensor& m_out, double beta1, double beta2, double lr,
+               double weight_decay) {
+  check_dense(m_out, param.size(0), param.size(1), "m_out");
+  pass(param, grad, U, s, Vh, m_out.data_ptr<float>(), beta1, beta2, lr, weight_decay);
+}
+
+// mlorc::lion_update_ on a backend: the pass, moving the parameter only
+template <LionPass pass>
+void lion_update(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U, const at::Tensor& s,
+                 const at::Tensor& Vh, double beta1, double beta2, double lr, double weight_decay) {
+  pass(param, grad, U, s, Vh, nullptr, beta1, beta2, lr, weight_decay);
+}
+
+}  // namespace mlorc
