@@ -44,19 +44,13 @@ void check_dense(const at::Tensor& t, int64_t rows, int64_t cols, const char* wh
 
 
 // ---------------------------------------------------------------------------------------------------
-// The CPU kernels walk the matrix row by row. Each row of an old moment is rebuilt into a small buffer
-// from its factors ([M1]: r multiply-adds an entry, and the row stays in L1), used entry by entry,
-// and dropped: no m x n tensor, no per-block allocation or BLAS call. Every kernel rebuilds with the
-// same function, so all of them see the same numbers. Built by GCC for x86-64, the row loops are
-// compiled three times (AVX-512, AVX2 with FMA, baseline x86-64) and the loader picks the best one
-// this CPU runs, so one build (setup.py's ahead-of-time one included) stays portable across machines;
-// other compilers and CPUs get one build for their baseline.
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)  // ifunc
-#define MLORC_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define MLORC_CPU_CLONES
-#endif
+// The CPU kernels walk the matrix row by row. Each row of an old moment is rebuilt from its factors
+// ([M1]: r multiply-adds an entry) into a small buffer or, in moment_matmul, 16 entries at a time in
+// registers, used, and dropped: no m x n tensor, no per-block allocation or BLAS call. All of them
+// compute the same expressions, so they see the same numbers. Built by GCC for x86-64, the row loops
+// (mlorc_cpu_rows.h) are compiled three times (AVX-512, AVX2 with FMA, baseline x86-64) and the best
+// one this CPU runs is picked on first use, so one build (setup.py's ahead-of-time one included)
+// stays portable across machines; other compilers and CPUs get one build for their baseline.
 
 // 16 floats as one value, for the loops the compiler would not vectorize by itself (sums across a
 // row): GCC and clang lower it to one AVX-512 register, two AVX2 or four SSE ones.
@@ -114,45 +108,63 @@ struct Factors {
       : U(U_.data_ptr<float>()), s(s_.data_ptr<float>()), Vh(Vh_.data_ptr<float>()), r(s_.size(0)) {}
 };
 
-// [M1] row i of (U * s) @ Vh into out[0, cols)
-inline void rebuild_row(const Factors& f, int64_t i, int64_t cols, float* out) {
-  if (f.r == 0) {
-    std::fill(out, out + cols, 0.f);
-    return;
+// The moment A, 16 columns of one row at a time, held in registers: no row buffer is written and read
+// back. Vh comes padded with zeros to `stride` columns (a multiple of 16), so every chunk of it is a
+// whole load; g is not padded, and its last chunk in a row is loaded partly.
+struct NewMoment {
+  const float *U, *s, *vh, *g;      // vh: Vh padded, (r, stride)
+  int64_t r, cols, stride;
+  float beta, shift;
+  bool squared, repair;
+
+  // U[i, :] * s: the row's weights of [M1]
+  void weights(int64_t i, float* w) const {
+    for (int64_t k = 0; k < r; ++k) w[k] = U[i * r + k] * s[k];
   }
-  const float* u = f.U + i * f.r;
-  const float first = u[0] * f.s[0];
-  for (int64_t j = 0; j < cols; ++j) out[j] = first * f.Vh[j];
-  for (int64_t k = 1; k < f.r; ++k) {
-    const float weight = u[k] * f.s[k];
-    const float* vh = f.Vh + k * cols;
-    for (int64_t j = 0; j < cols; ++j) out[j] += weight * vh[j];
-  }
+};
+
+// Accumulators are kept for 8 columns of X (or of the product) at a time; X is padded with zero
+// columns to a multiple of 8, so the loops over them have a fixed length and stay in registers.
+constexpr int64_t kWidthBlock = 8;
+
+inline int64_t round_up8(int64_t n) { return (n + kWidthBlock - 1) / kWidthBlock * kWidthBlock; }
+
+// A^T X goes over rows in blocks of 32, so a block of g (and of U) stays in cache across its chunks
+constexpr int64_t kRowBlock = 32;
+
+// The row loops, once per instruction set (see mlorc_cpu_rows.h), and the choice among them
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__)
+#define MLORC_CPU_LEVELS
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4")
+namespace v4 {
+#include "mlorc_cpu_rows.h"
+}  // namespace v4
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v3")
+namespace v3 {
+#include "mlorc_cpu_rows.h"
+}  // namespace v3
+#pragma GCC pop_options
+#endif
+namespace baseline {
+#include "mlorc_cpu_rows.h"
+}  // namespace baseline
+
+#ifdef MLORC_CPU_LEVELS
+int cpu_level() {
+  static const int level = __builtin_cpu_supports("x86-64-v4") ? 4 : __builtin_cpu_supports("x86-64-v3") ? 3 : 0;
+  return level;
 }
+#define MLORC_ROWS(fn) (cpu_level() == 4 ? v4::fn : cpu_level() == 3 ? v3::fn : baseline::fn)
+#else
+#define MLORC_ROWS(fn) baseline::fn
+#endif
 
 // ---------------------------------------------------------------------------------------------------
 // negative_mean: [M2]'s c for a factored second moment. Python twin: mlorc.negative_mean applied to
 // mlorc.reconstruct(U, s, Vh).
-
-// sums of |v| and counts over the negative entries of rows [begin, end), in 16 float lanes a row;
-// row holds one rebuilt row padded with zeros to a multiple of 16 (zeros are not negative)
-MLORC_CPU_CLONES void negative_rows(const Factors& v, int64_t begin, int64_t end, int64_t cols,
-                                    float* row, double* sum, double* count) {
-  const Floats16 zero = {}, one = zero + 1.f;
-  for (int64_t i = begin; i < end; ++i) {
-    rebuild_row(v, i, cols, row);
-    Floats16 row_sum = zero, row_count = zero;
-    for (int64_t j = 0; j < cols; j += kLanes) {
-      const Floats16 x = load16(row + j);
-      row_sum -= x < zero ? x : zero;
-      row_count += x < zero ? one : zero;
-    }
-    for (int l = 0; l < kLanes; ++l) {
-      *sum += row_sum[l];
-      *count += row_count[l];
-    }
-  }
-}
 
 at::Tensor negative_mean_cpu(const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh) {
   const int64_t rows = U.size(0), cols = Vh.size(1);
@@ -161,7 +173,7 @@ at::Tensor negative_mean_cpu(const at::Tensor& U, const at::Tensor& s, const at:
   // per-block partial sums, reduced in block order: independent of the thread count
   std::vector<double> block_sum(count_blocks(rows, cols), 0.0), block_count(block_sum.size(), 0.0);
   for_row_blocks(rows, cols, round_up16(cols), [&](int64_t k, int64_t begin, int64_t end, float* row) {
-    negative_rows(v, begin, end, cols, row, &block_sum[k], &block_count[k]);
+    MLORC_ROWS(negative_rows)(v, begin, end, cols, row, &block_sum[k], &block_count[k]);
   });
   double sum = 0.0, count = 0.0;
   for (size_t k = 0; k < block_sum.size(); ++k) {
@@ -187,28 +199,6 @@ void check_adamw_args(const at::Tensor& param, const at::Tensor& grad, const at:
   TORCH_CHECK(shift.numel() == 1 && shift.scalar_type() == at::kFloat, "mlorc: shift must be one float32");
 }
 
-// rows [begin, end); m_row and v_row hold one rebuilt row each; m_out and v_out may be null
-MLORC_CPU_CLONES void adamw_rows(const AdamWArgs args, const Factors& m_old, const Factors& v_old,
-                                 int64_t begin, int64_t end, int64_t cols, float* p, const float* g,
-                                 float* m_out, float* v_out, float* m_row, float* v_row) {
-  for (int64_t i = begin; i < end; ++i) {
-    rebuild_row(m_old, i, cols, m_row);
-    rebuild_row(v_old, i, cols, v_row);
-    float* __restrict pi = p + i * cols;      // restrict: no two of these overlap, so the loops
-    const float* __restrict gi = g + i * cols;  // vectorize without run-time overlap checks
-    if (m_out == nullptr) {
-      for (int64_t j = 0; j < cols; ++j) {
-        float m, v;
-        adamw_update(args, pi[j], gi[j], m_row[j], v_row[j], m, v);
-      }
-    } else {
-      float* __restrict mi = m_out + i * cols;
-      float* __restrict vi = v_out + i * cols;
-      for (int64_t j = 0; j < cols; ++j) adamw_update(args, pi[j], gi[j], m_row[j], v_row[j], mi[j], vi[j]);
-    }
-  }
-}
-
 void adamw_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU, const at::Tensor& ms,
                const at::Tensor& mVh, const at::Tensor& vU, const at::Tensor& vs, const at::Tensor& vVh,
                const at::Tensor& shift, float* m_out, float* v_out, double beta1, double beta2,
@@ -221,7 +211,7 @@ void adamw_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU, 
   float* p = param.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
   for_row_blocks(rows, cols, 2 * cols, [&](int64_t, int64_t begin, int64_t end, float* scratch) {
-    adamw_rows(args, m_old, v_old, begin, end, cols, p, g, m_out, v_out, scratch, scratch + cols);
+    MLORC_ROWS(adamw_rows)(args, m_old, v_old, begin, end, cols, p, g, m_out, v_out, scratch, scratch + cols);
   });
 }
 
@@ -237,26 +227,6 @@ void check_lion_args(const at::Tensor& param, const at::Tensor& grad, const at::
   check_factors(U, s, Vh, rows, cols, "exp_avg");
 }
 
-// rows [begin, end); m_row holds one rebuilt row; m_out may be null
-MLORC_CPU_CLONES void lion_rows(const LionArgs args, const Factors& m_old, int64_t begin,
-                                int64_t end, int64_t cols, float* p, const float* g, float* m_out,
-                                float* m_row) {
-  for (int64_t i = begin; i < end; ++i) {
-    rebuild_row(m_old, i, cols, m_row);
-    float* __restrict pi = p + i * cols;      // restrict: as in adamw_rows
-    const float* __restrict gi = g + i * cols;
-    if (m_out == nullptr) {
-      for (int64_t j = 0; j < cols; ++j) {
-        float m;
-        lion_update(args, pi[j], gi[j], m_row[j], m);
-      }
-    } else {
-      float* __restrict mi = m_out + i * cols;
-      for (int64_t j = 0; j < cols; ++j) lion_update(args, pi[j], gi[j], m_row[j], mi[j]);
-    }
-  }
-}
-
 void lion_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U, const at::Tensor& s,
               const at::Tensor& Vh, float* m_out, double beta1, double beta2, double lr,
               double weight_decay) {
@@ -267,7 +237,7 @@ void lion_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U, co
   float* p = param.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
   for_row_blocks(rows, cols, cols, [&](int64_t, int64_t begin, int64_t end, float* row) {
-    lion_rows(args, m_old, begin, end, cols, p, g, m_out, row);
+    MLORC_ROWS(lion_rows)(args, m_old, begin, end, cols, p, g, m_out, row);
   });
 }
 
@@ -289,132 +259,49 @@ void check_moment_matmul_args(const at::Tensor& U, const at::Tensor& s, const at
               "mlorc: moment_matmul's shift must be one float32");
 }
 
-// The moment A, one row at a time
-struct NewMoment {
-  Factors old;
-  const float* g;
-  float beta, shift;
-  bool squared, repair;
-  int64_t cols;
-
-  template <bool kSquared, bool kRepair>
-  void finish(float* row, const float* gi) const {     // one loop per case, each vectorizable
-    for (int64_t j = 0; j < cols; ++j) row[j] = moment_entry(row[j], gi[j], beta, kSquared, kRepair, shift);
-  }
-
-  // row i of A into row[0, cols)
-  void row(int64_t i, float* row) const {
-    rebuild_row(old, i, cols, row);
-    const float* gi = g + i * cols;
-    if (squared)
-      repair ? finish<true, true>(row, gi) : finish<true, false>(row, gi);
-    else
-      repair ? finish<false, true>(row, gi) : finish<false, false>(row, gi);
-  }
-};
-
-// Products take rows four at a time, so each pass over X or the output does four rows' work.
-constexpr int64_t kRowGroup = 4;
-
-// rows first .. first + kRowGroup of A into a (kRowGroup rows of `stride`); rows from `end` on are 0
-inline void moment_rows(const NewMoment& A, int64_t first, int64_t end, int64_t stride, float* a) {
-  for (int64_t t = 0; t < kRowGroup; ++t) {
-    if (first + t < end)
-      A.row(first + t, a + t * stride);
-    else
-      std::fill(a + t * stride, a + (t + 1) * stride, 0.f);
-  }
-}
-
-// rows [begin, end) of A @ X into out (rows, width): dot products of each row of A with each row of
-// X^T (width, cols), summed in 16 lanes in a fixed order. Rows of X^T and of a (kRowGroup rows of A)
-// are padded with zeros to `stride`, a multiple of 16 (a's padding is never written).
-MLORC_CPU_CLONES void product_rows(const NewMoment& A, const float* Xt, int64_t width, int64_t stride,
-                                   int64_t begin, int64_t end, float* out, float* a) {
-  for (int64_t first = begin; first < end; first += kRowGroup) {
-    const int64_t n = std::min(kRowGroup, end - first);
-    moment_rows(A, first, end, stride, a);
-    for (int64_t q = 0; q < width; ++q) {
-      const float* x = Xt + q * stride;
-      Floats16 sum[kRowGroup] = {};
-      for (int64_t j = 0; j < stride; j += kLanes) {
-        const Floats16 xj = load16(x + j);
-        for (int64_t t = 0; t < kRowGroup; ++t) sum[t] += load16(a + t * stride + j) * xj;
-      }
-      for (int64_t t = 0; t < n; ++t) {
-        float total = 0.f;
-        for (int l = 0; l < kLanes; ++l) total += sum[t][l];
-        out[(first + t) * width + q] = total;
-      }
-    }
-  }
-}
-
-// rows [begin, end)'s share of A^T @ X, added into out (width, stride) = its transpose X^T A: each
-// group of rows adds x_t * (row t of A) to each output row, 16 columns at a time. a holds kRowGroup
-// rows of A, x kRowGroup * width floats; rows of a and out are padded to `stride`, a multiple of 16.
-static_assert(kRowGroup == 4, "accumulate_rows spells out the four rows of a group");
-MLORC_CPU_CLONES void accumulate_rows(const NewMoment& A, const float* Xt, int64_t rows, int64_t width,
-                                      int64_t stride, int64_t begin, int64_t end, float* out, float* a,
-                                      float* x) {
-  for (int64_t first = begin; first < end; first += kRowGroup) {
-    moment_rows(A, first, end, stride, a);
-    for (int64_t q = 0; q < width; ++q)
-      for (int64_t t = 0; t < kRowGroup; ++t)
-        x[q * kRowGroup + t] = first + t < end ? Xt[q * rows + first + t] : 0.f;
-    for (int64_t j = 0; j < stride; j += kLanes) {
-      const Floats16 a0 = load16(a + j), a1 = load16(a + stride + j), a2 = load16(a + 2 * stride + j),
-                     a3 = load16(a + 3 * stride + j);
-      for (int64_t q = 0; q < width; ++q) {
-        const float* xq = x + q * kRowGroup;
-        const Floats16 sum = load16(out + q * stride + j) + xq[0] * a0 + xq[1] * a1 + xq[2] * a2 + xq[3] * a3;
-        std::memcpy(out + q * stride + j, &sum, sizeof sum);
-      }
-    }
-  }
-}
-
 at::Tensor moment_matmul_cpu(const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh,
                              const at::Tensor& grad, double beta, bool squared,
                              const c10::optional<at::Tensor>& shift, const at::Tensor& X,
                              bool transposed) {
   check_moment_matmul_args(U, s, Vh, grad, shift, X, transposed);
-  const int64_t rows = U.size(0), cols = Vh.size(1), width = X.size(1), b = block_rows(cols);
+  const int64_t rows = U.size(0), cols = Vh.size(1), r = s.size(0), width = X.size(1);
+  const int64_t stride = round_up16(cols), b = block_rows(cols), blocks = count_blocks(rows, cols);
+  at::Tensor vh = at::zeros({r, stride}, Vh.options());              // Vh, rows padded with zeros
+  vh.narrow(1, 0, cols).copy_(Vh);
   const bool repair = shift.has_value();
-  const NewMoment A{Factors(U, s, Vh), grad.data_ptr<float>(), float(beta),
-                    repair ? shift->item<float>() : 0.f, squared, repair, cols};
+  const NewMoment A{U.data_ptr<float>(), s.data_ptr<float>(), vh.data_ptr<float>(),
+                    grad.data_ptr<float>(), r, cols, stride, float(beta),
+                    repair ? shift->item<float>() : 0.f, squared, repair};
   if (!transposed) {
-    const int64_t stride = round_up16(cols);
-    at::Tensor Xt = at::zeros({width, stride}, X.options());     // X^T, rows padded with zeros
-    Xt.narrow(1, 0, cols).copy_(X.t());
+    at::Tensor Xt = at::zeros({round_up8(width), stride}, X.options());   // X^T, padded with zeros
+    Xt.narrow(0, 0, width).narrow(1, 0, cols).copy_(X.t());
     const float* xt = Xt.data_ptr<float>();
     at::Tensor out = at::empty({rows, width}, X.options());
     float* o = out.data_ptr<float>();
-    for_row_blocks(rows, cols, kRowGroup * stride, [&](int64_t, int64_t begin, int64_t end, float* a) {
-      product_rows(A, xt, width, stride, begin, end, o, a);
+    for_row_blocks(rows, cols, 2 * r, [&](int64_t, int64_t begin, int64_t end, float* w) {
+      MLORC_ROWS(product_rows)(A, xt, width, begin, end, o, w);
     });
     return out;
   }
-  const at::Tensor Xt = X.t().contiguous();          // rsvd's X is a Q: column-major already
-  const float* xt = Xt.data_ptr<float>();
+  at::Tensor Xp = at::zeros({rows, round_up8(width)}, X.options());      // X, padded with zeros
+  Xp.narrow(1, 0, width).copy_(X);
+  const float* x = Xp.data_ptr<float>();
   // A^T X sums over all rows: a fixed number of row ranges (not one per thread) each sum their own
   // partial product, added in range order, so which thread runs which range does not matter.
-  const int64_t blocks = count_blocks(rows, cols), parts = std::min<int64_t>(blocks, 8);
+  const int64_t parts = std::min<int64_t>(blocks, 8);
   if (parts == 0) return at::zeros({cols, width}, X.options());         // no rows: A^T X is 0
-  const int64_t stride = round_up16(cols);
-  at::Tensor partial = at::zeros({parts, width, stride}, X.options());
+  at::Tensor partial = at::zeros({parts, round_up8(width), stride}, X.options());
   float* partial_data = partial.data_ptr<float>();
   parallel_for_matrix(parts, blocks, [&](int64_t first, int64_t last) {
-    std::vector<float> a(kRowGroup * stride), x(kRowGroup * width);
+    std::vector<float> w(kRowBlock * r);
     for (int64_t q = first; q < last; ++q) {
       const int64_t begin = q * blocks / parts * b, end = std::min(rows, (q + 1) * blocks / parts * b);
-      accumulate_rows(A, xt, rows, width, stride, begin, end, partial_data + q * width * stride,
-                      a.data(), x.data());
+      MLORC_ROWS(accumulate_rows)(A, x, width, begin, end, partial_data + q * round_up8(width) * stride, w.data());
     }
   });
   at::Tensor total = partial.select(0, 0).clone();      // added in range order: elementwise adds,
   for (int64_t q = 1; q < parts; ++q) total.add_(partial.select(0, q));   // whatever the threads
-  return total.narrow(1, 0, cols).t().contiguous();
+  return total.narrow(0, 0, width).narrow(1, 0, cols).t().contiguous();
 }
 
 TORCH_LIBRARY(mlorc, m) {

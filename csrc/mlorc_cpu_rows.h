@@ -1,0 +1,193 @@
+// The CPU row loops of mlorc_ops.cpp, which includes this file once per instruction set it compiles
+// them for (in namespaces v4, v3 and baseline, under `#pragma GCC target`): every function here, the
+// inlined helpers included, is then compiled for that set. (With GCC's target_clones only the cloned
+// function is: vector code in an inlined helper was compiled for the baseline, and its comparisons
+// ran one lane at a time.) So no include guard, and no #include: the types come from mlorc_ops.cpp.
+
+// [M1] row i of (U * s) @ Vh into out[0, cols)
+inline void rebuild_row(const Factors& f, int64_t i, int64_t cols, float* out) {
+  if (f.r == 0) {
+    std::fill(out, out + cols, 0.f);
+    return;
+  }
+  const float* u = f.U + i * f.r;
+  const float first = u[0] * f.s[0];
+  for (int64_t j = 0; j < cols; ++j) out[j] = first * f.Vh[j];
+  for (int64_t k = 1; k < f.r; ++k) {
+    const float weight = u[k] * f.s[k];
+    const float* vh = f.Vh + k * cols;
+    for (int64_t j = 0; j < cols; ++j) out[j] += weight * vh[j];
+  }
+}
+
+// sums of |v| and counts over the negative entries of rows [begin, end), in 16 float lanes a row;
+// row holds one rebuilt row padded with zeros to a multiple of 16 (zeros are not negative)
+void negative_rows(const Factors& v, int64_t begin, int64_t end, int64_t cols,
+                                    float* row, double* sum, double* count) {
+  const Floats16 zero = {}, one = zero + 1.f;
+  for (int64_t i = begin; i < end; ++i) {
+    rebuild_row(v, i, cols, row);
+    Floats16 row_sum = zero, row_count = zero;
+    for (int64_t j = 0; j < cols; j += kLanes) {
+      const Floats16 x = load16(row + j);
+      row_sum -= x < zero ? x : zero;
+      row_count += x < zero ? one : zero;
+    }
+    for (int l = 0; l < kLanes; ++l) {
+      *sum += row_sum[l];
+      *count += row_count[l];
+    }
+  }
+}
+
+// rows [begin, end); m_row and v_row hold one rebuilt row each; m_out and v_out may be null
+void adamw_rows(const AdamWArgs args, const Factors& m_old, const Factors& v_old,
+                                 int64_t begin, int64_t end, int64_t cols, float* p, const float* g,
+                                 float* m_out, float* v_out, float* m_row, float* v_row) {
+  for (int64_t i = begin; i < end; ++i) {
+    rebuild_row(m_old, i, cols, m_row);
+    rebuild_row(v_old, i, cols, v_row);
+    float* __restrict pi = p + i * cols;      // restrict: no two of these overlap, so the loops
+    const float* __restrict gi = g + i * cols;  // vectorize without run-time overlap checks
+    if (m_out == nullptr) {
+      for (int64_t j = 0; j < cols; ++j) {
+        float m, v;
+        adamw_update(args, pi[j], gi[j], m_row[j], v_row[j], m, v);
+      }
+    } else {
+      float* __restrict mi = m_out + i * cols;
+      float* __restrict vi = v_out + i * cols;
+      for (int64_t j = 0; j < cols; ++j) adamw_update(args, pi[j], gi[j], m_row[j], v_row[j], mi[j], vi[j]);
+    }
+  }
+}
+
+// rows [begin, end); m_row holds one rebuilt row; m_out may be null
+void lion_rows(const LionArgs args, const Factors& m_old, int64_t begin,
+                                int64_t end, int64_t cols, float* p, const float* g, float* m_out,
+                                float* m_row) {
+  for (int64_t i = begin; i < end; ++i) {
+    rebuild_row(m_old, i, cols, m_row);
+    float* __restrict pi = p + i * cols;      // restrict: as in adamw_rows
+    const float* __restrict gi = g + i * cols;
+    if (m_out == nullptr) {
+      for (int64_t j = 0; j < cols; ++j) {
+        float m;
+        lion_update(args, pi[j], gi[j], m_row[j], m);
+      }
+    } else {
+      float* __restrict mi = m_out + i * cols;
+      for (int64_t j = 0; j < cols; ++j) lion_update(args, pi[j], gi[j], m_row[j], mi[j]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// moment_matmul's loops
+
+// columns [j, j + 16) of row i of the new moment A: [M1] from the weights w, [M2] if repair, [M3]; the same
+// expressions as lowrank_entry and moment_entry, so the entries equal what an update pass sees
+template <bool kSquared, bool kRepair>
+__attribute__((always_inline)) inline Floats16 moment_chunk(const NewMoment& A, const float* w, const float* gi,
+                                                            int64_t j) {
+  Floats16 old = {};
+  if (A.r > 0) {
+    old = w[0] * load16(A.vh + j);
+    for (int64_t k = 1; k < A.r; ++k) old += w[k] * load16(A.vh + k * A.stride + j);
+  }
+  Floats16 g = {};
+  if (j + kLanes <= A.cols)
+    g = load16(gi + j);
+  else
+    std::memcpy(&g, gi + j, (A.cols - j) * sizeof(float));      // the row's last, partial chunk
+  const Floats16 zero = {};
+  if (kRepair) old = old < zero ? zero + A.shift : old;
+  return kSquared ? old * A.beta + g * g * (1.f - A.beta) : old * A.beta + g * (1.f - A.beta);
+}
+
+// rows [begin, end) of A @ X into out (rows, width), two rows at a time: each 16-column chunk of
+// the two rows is rebuilt in registers and multiplied into 2 x 8 running 16-lane sums, whose lanes
+// are added in a fixed order at the end. Xt is X^T (round_up8(width), stride), padded with zeros;
+// the padding makes the partial last chunk contribute nothing beyond column cols. A lone last row
+// is computed as a pair with itself.
+template <bool kSquared, bool kRepair>
+__attribute__((always_inline)) inline void product_rows_impl(const NewMoment& A, const float* Xt,
+                                                             int64_t width, int64_t begin, int64_t end,
+                                                             float* out, float* w) {
+  float *w0 = w, *w1 = w + A.r;
+  for (int64_t i = begin; i < end; i += 2) {
+    const int64_t i1 = std::min(i + 1, end - 1);
+    A.weights(i, w0);
+    A.weights(i1, w1);
+    const float *g0 = A.g + i * A.cols, *g1 = A.g + i1 * A.cols;
+    for (int64_t q0 = 0; q0 < width; q0 += kWidthBlock) {
+      Floats16 sum0[kWidthBlock] = {}, sum1[kWidthBlock] = {};
+      for (int64_t j = 0; j < A.stride; j += kLanes) {
+        const Floats16 a0 = moment_chunk<kSquared, kRepair>(A, w0, g0, j),
+                       a1 = moment_chunk<kSquared, kRepair>(A, w1, g1, j);
+        for (int64_t q = 0; q < kWidthBlock; ++q) {
+          const Floats16 x = load16(Xt + (q0 + q) * A.stride + j);
+          sum0[q] += a0 * x;
+          sum1[q] += a1 * x;
+        }
+      }
+      for (int64_t q = 0; q < kWidthBlock && q0 + q < width; ++q) {
+        float total0 = 0.f, total1 = 0.f;
+        for (int l = 0; l < kLanes; ++l) {
+          total0 += sum0[q][l];
+          total1 += sum1[q][l];
+        }
+        out[i * width + q0 + q] = total0;
+        if (i1 != i) out[i1 * width + q0 + q] = total1;
+      }
+    }
+  }
+}
+
+// rows [begin, end)'s share of A^T @ X, added into out (round_up8(width), stride), its transpose
+// X^T A: for each 16-column chunk, 8 output rows stay in registers while the rows of A go by, each
+// chunk of A rebuilt in registers and added in times X[i, q]. Rows go in blocks of 32, so a block
+// of g (and of U) stays in cache across its chunks. X is (rows, round_up8(width)), padded with zeros.
+template <bool kSquared, bool kRepair>
+__attribute__((always_inline)) inline void accumulate_rows_impl(const NewMoment& A, const float* X,
+                                                                int64_t width, int64_t begin,
+                                                                int64_t end, float* out, float* w) {
+  for (int64_t first = begin; first < end; first += kRowBlock) {
+    const int64_t last = std::min(end, first + kRowBlock);
+    for (int64_t i = first; i < last; ++i) A.weights(i, w + (i - first) * A.r);
+    for (int64_t q0 = 0; q0 < width; q0 += kWidthBlock) {
+      for (int64_t j = 0; j < A.stride; j += kLanes) {
+        Floats16 sum[kWidthBlock];
+        for (int64_t q = 0; q < kWidthBlock; ++q) sum[q] = load16(out + (q0 + q) * A.stride + j);
+        for (int64_t i = first; i < last; ++i) {
+          const Floats16 a = moment_chunk<kSquared, kRepair>(A, w + (i - first) * A.r, A.g + i * A.cols, j);
+          const float* x = X + i * round_up8(width) + q0;
+          for (int64_t q = 0; q < kWidthBlock; ++q) sum[q] += a * x[q];
+        }
+        for (int64_t q = 0; q < kWidthBlock; ++q)
+          std::memcpy(out + (q0 + q) * A.stride + j, &sum[q], sizeof(Floats16));
+      }
+    }
+  }
+}
+
+// One loop per kind of moment, each vectorizable without branches inside
+void product_rows(const NewMoment& A, const float* Xt, int64_t width, int64_t begin,
+                                   int64_t end, float* out, float* w) {
+  if (A.squared)
+    A.repair ? product_rows_impl<true, true>(A, Xt, width, begin, end, out, w)
+             : product_rows_impl<true, false>(A, Xt, width, begin, end, out, w);
+  else
+    A.repair ? product_rows_impl<false, true>(A, Xt, width, begin, end, out, w)
+             : product_rows_impl<false, false>(A, Xt, width, begin, end, out, w);
+}
+
+void accumulate_rows(const NewMoment& A, const float* X, int64_t width, int64_t begin,
+                                      int64_t end, float* out, float* w) {
+  if (A.squared)
+    A.repair ? accumulate_rows_impl<true, true>(A, X, width, begin, end, out, w)
+             : accumulate_rows_impl<true, false>(A, X, width, begin, end, out, w);
+  else
+    A.repair ? accumulate_rows_impl<false, true>(A, X, width, begin, end, out, w)
+             : accumulate_rows_impl<false, false>(A, X, width, begin, end, out, w);
+}
