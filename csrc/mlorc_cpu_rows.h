@@ -22,8 +22,8 @@ inline void rebuild_row(const Factors& f, int64_t i, int64_t cols, float* out) {
 
 // sums of |v| and counts over the negative entries of rows [begin, end), in 16 float lanes a row;
 // row holds one rebuilt row padded with zeros to a multiple of 16 (zeros are not negative)
-void negative_rows(const Factors& v, int64_t begin, int64_t end, int64_t cols,
-                                    float* row, double* sum, double* count) {
+void negative_rows(const Factors& v, int64_t begin, int64_t end, int64_t cols, float* row,
+                   double* sum, double* count) {
   const Floats16 zero = {}, one = zero + 1.f;
   for (int64_t i = begin; i < end; ++i) {
     rebuild_row(v, i, cols, row);
@@ -41,9 +41,9 @@ void negative_rows(const Factors& v, int64_t begin, int64_t end, int64_t cols,
 }
 
 // rows [begin, end); m_row and v_row hold one rebuilt row each; m_out and v_out may be null
-void adamw_rows(const AdamWArgs args, const Factors& m_old, const Factors& v_old,
-                                 int64_t begin, int64_t end, int64_t cols, float* p, const float* g,
-                                 float* m_out, float* v_out, float* m_row, float* v_row) {
+void adamw_rows(const AdamWArgs args, const Factors& m_old, const Factors& v_old, int64_t begin,
+                int64_t end, int64_t cols, float* p, const float* g, float* m_out, float* v_out,
+                float* m_row, float* v_row) {
   for (int64_t i = begin; i < end; ++i) {
     rebuild_row(m_old, i, cols, m_row);
     rebuild_row(v_old, i, cols, v_row);
@@ -63,9 +63,8 @@ void adamw_rows(const AdamWArgs args, const Factors& m_old, const Factors& v_old
 }
 
 // rows [begin, end); m_row holds one rebuilt row; m_out may be null
-void lion_rows(const LionArgs args, const Factors& m_old, int64_t begin,
-                                int64_t end, int64_t cols, float* p, const float* g, float* m_out,
-                                float* m_row) {
+void lion_rows(const LionArgs args, const Factors& m_old, int64_t begin, int64_t end, int64_t cols,
+               float* p, const float* g, float* m_out, float* m_row) {
   for (int64_t i = begin; i < end; ++i) {
     rebuild_row(m_old, i, cols, m_row);
     float* __restrict pi = p + i * cols;      // restrict: as in adamw_rows
@@ -85,8 +84,9 @@ void lion_rows(const LionArgs args, const Factors& m_old, int64_t begin,
 // ---------------------------------------------------------------------------------------------------
 // moment_matmul's loops
 
-// columns [j, j + 16) of row i of the new moment A: [M1] from the weights w, [M2] if repair, [M3]; the same
-// expressions as lowrank_entry and moment_entry, so the entries equal what an update pass sees
+// columns [j, j + 16) of row i of the new moment A: [M1] from the weights w, [M2] if repair, [M3];
+// the same expressions as lowrank_entry and moment_entry, so the entries equal what an update pass
+// sees
 template <bool kSquared, bool kRepair>
 __attribute__((always_inline)) inline Floats16 moment_chunk(const NewMoment& A, const float* w, const float* gi,
                                                             int64_t j) {
@@ -172,8 +172,8 @@ __attribute__((always_inline)) inline void accumulate_rows_impl(const NewMoment&
 }
 
 // One loop per kind of moment, each vectorizable without branches inside
-void product_rows(const NewMoment& A, const float* Xt, int64_t width, int64_t begin,
-                                   int64_t end, float* out, float* w) {
+void product_rows(const NewMoment& A, const float* Xt, int64_t width, int64_t begin, int64_t end,
+                  float* out, float* w) {
   if (A.squared)
     A.repair ? product_rows_impl<true, true>(A, Xt, width, begin, end, out, w)
              : product_rows_impl<true, false>(A, Xt, width, begin, end, out, w);
@@ -182,8 +182,8 @@ void product_rows(const NewMoment& A, const float* Xt, int64_t width, int64_t be
              : product_rows_impl<false, false>(A, Xt, width, begin, end, out, w);
 }
 
-void accumulate_rows(const NewMoment& A, const float* X, int64_t width, int64_t begin,
-                                      int64_t end, float* out, float* w) {
+void accumulate_rows(const NewMoment& A, const float* X, int64_t width, int64_t begin, int64_t end,
+                     float* out, float* w) {
   if (A.squared)
     A.repair ? accumulate_rows_impl<true, true>(A, X, width, begin, end, out, w)
              : accumulate_rows_impl<true, false>(A, X, width, begin, end, out, w);

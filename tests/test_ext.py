@@ -9,6 +9,7 @@ stay below 1e-6 at lr 1e-2, against atol 1e-5.
 """
 import contextlib
 import importlib.util
+import itertools
 import os
 import shutil
 import subprocess
@@ -127,18 +128,21 @@ def _test_moment_matmul(ops, device):
     measured at most 2.4e-7 of it (4 u, u = 6e-8), bounded by about sqrt(n) u = 4e-6 for n = 5000
     terms. 1e-5 of it still catches a wrong block, beta or repair, which moves results by
     ~1 / sqrt(n) = 1e-2 of it or more. Shapes: one block of rows, a few with a short last one, more
-    than the 8 ranges the CPU's transposed product sums separately, widths that are not a multiple
-    of the CPU's 16 lanes, and (CUDA) more rows than one 4M-entry chunk."""
-    shapes = [(12, 10), (300, 100), (5000, 64), (40, 33)] + ([(70000, 65)] if device == "cuda" else [])
-    for rows, cols in shapes:
+    than the 8 ranges the CPU's transposed product sums separately, an odd number of rows (the CPU
+    takes them in pairs), one row, widths that are not a multiple of the CPU's 16 lanes, and (CUDA)
+    more rows than one 4M-entry chunk; X 6 and 11 wide (the CPU holds sums for 8 columns of X at a
+    time)."""
+    shapes = [(12, 10), (300, 100), (5000, 64), (40, 33), (7, 50), (1, 20)]
+    shapes += [(70000, 65)] if device == "cuda" else []
+    for (rows, cols), width in itertools.product(shapes, (6, 11)):
         gen = torch.Generator().manual_seed(rows)
         old = tuple(t.to(device) for t in (torch.randn(rows, 4, generator=gen), torch.rand(4, generator=gen),
                                            torch.randn(4, cols, generator=gen)))
         g = torch.randn(rows, cols, generator=gen).to(device)
         for squared, shift in [(False, None), (True, ops.negative_mean(*old))]:
             A = dense_moment(old, g, 0.9, squared, shift)
-            X_cols = torch.linalg.qr(torch.randn(cols, 6, generator=gen)).Q.to(device)   # column-major,
-            X_rows = torch.randn(rows, 6, generator=gen).to(device)                      # as rsvd's
+            X_cols = torch.linalg.qr(torch.randn(cols, width, generator=gen)).Q.to(device)  # column-major,
+            X_rows = torch.randn(rows, width, generator=gen).to(device)                     # as rsvd's
             for transposed, X, expected, scale in [(False, X_cols, A @ X_cols, A.abs() @ X_cols.abs()),
                                                    (True, X_rows, A.T @ X_rows, A.abs().T @ X_rows.abs())]:
                 ours = ops.moment_matmul(*old, g, 0.9, squared, shift, X, transposed)
