@@ -91,10 +91,7 @@ template <bool kSquared, bool kRepair>
 __attribute__((always_inline)) inline Floats16 moment_chunk(const NewMoment& A, const float* w, const float* gi,
                                                             int64_t j) {
   Floats16 old = {};
-  if (A.r > 0) {
-    old = w[0] * load16(A.vh + j);
-    for (int64_t k = 1; k < A.r; ++k) old += w[k] * load16(A.vh + k * A.stride + j);
-  }
+  for (int64_t k = 0; k < A.r; ++k) old += w[k] * load16(A.vh + k * A.stride + j);
   Floats16 g = {};
   if (j + kLanes <= A.cols)
     g = load16(gi + j);
@@ -152,6 +149,7 @@ template <bool kSquared, bool kRepair>
 __attribute__((always_inline)) inline void accumulate_rows_impl(const NewMoment& A, const float* X,
                                                                 int64_t width, int64_t begin,
                                                                 int64_t end, float* out, float* w) {
+  const int64_t x_stride = round_up8(width);
   for (int64_t first = begin; first < end; first += kRowBlock) {
     const int64_t last = std::min(end, first + kRowBlock);
     for (int64_t i = first; i < last; ++i) A.weights(i, w + (i - first) * A.r);
@@ -161,7 +159,7 @@ __attribute__((always_inline)) inline void accumulate_rows_impl(const NewMoment&
         for (int64_t q = 0; q < kWidthBlock; ++q) sum[q] = load16(out + (q0 + q) * A.stride + j);
         for (int64_t i = first; i < last; ++i) {
           const Floats16 a = moment_chunk<kSquared, kRepair>(A, w + (i - first) * A.r, A.g + i * A.cols, j);
-          const float* x = X + i * round_up8(width) + q0;
+          const float* x = X + i * x_stride + q0;
           for (int64_t q = 0; q < kWidthBlock; ++q) sum[q] += a * x[q];
         }
         for (int64_t q = 0; q < kWidthBlock; ++q)

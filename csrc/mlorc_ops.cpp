@@ -266,6 +266,7 @@ at::Tensor moment_matmul_cpu(const at::Tensor& U, const at::Tensor& s, const at:
   check_moment_matmul_args(U, s, Vh, grad, shift, X, transposed);
   const int64_t rows = U.size(0), cols = Vh.size(1), r = s.size(0), width = X.size(1);
   const int64_t stride = round_up16(cols), b = block_rows(cols), blocks = count_blocks(rows, cols);
+  const int64_t padded_width = round_up8(width);      // X's columns, padded to the 8 summed at once
   at::Tensor vh = at::zeros({r, stride}, Vh.options());              // Vh, rows padded with zeros
   vh.narrow(1, 0, cols).copy_(Vh);
   const bool repair = shift.has_value();
@@ -273,7 +274,7 @@ at::Tensor moment_matmul_cpu(const at::Tensor& U, const at::Tensor& s, const at:
                     grad.data_ptr<float>(), r, cols, stride, float(beta),
                     repair ? shift->item<float>() : 0.f, squared, repair};
   if (!transposed) {
-    at::Tensor Xt = at::zeros({round_up8(width), stride}, X.options());   // X^T, padded with zeros
+    at::Tensor Xt = at::zeros({padded_width, stride}, X.options());   // X^T, padded with zeros
     Xt.narrow(0, 0, width).narrow(1, 0, cols).copy_(X.t());
     const float* xt = Xt.data_ptr<float>();
     at::Tensor out = at::empty({rows, width}, X.options());
@@ -283,20 +284,20 @@ at::Tensor moment_matmul_cpu(const at::Tensor& U, const at::Tensor& s, const at:
     });
     return out;
   }
-  at::Tensor Xp = at::zeros({rows, round_up8(width)}, X.options());      // X, padded with zeros
+  at::Tensor Xp = at::zeros({rows, padded_width}, X.options());      // X, padded with zeros
   Xp.narrow(1, 0, width).copy_(X);
   const float* x = Xp.data_ptr<float>();
   // A^T X sums over all rows: a fixed number of row ranges (not one per thread) each sum their own
   // partial product, added in range order, so which thread runs which range does not matter.
   const int64_t parts = std::min<int64_t>(blocks, 8);
   if (parts == 0) return at::zeros({cols, width}, X.options());         // no rows: A^T X is 0
-  at::Tensor partial = at::zeros({parts, round_up8(width), stride}, X.options());
+  at::Tensor partial = at::zeros({parts, padded_width, stride}, X.options());
   float* partial_data = partial.data_ptr<float>();
   parallel_for_matrix(parts, blocks, [&](int64_t first, int64_t last) {
     std::vector<float> w(kRowBlock * r);
     for (int64_t q = first; q < last; ++q) {
       const int64_t begin = q * blocks / parts * b, end = std::min(rows, (q + 1) * blocks / parts * b);
-      MLORC_ROWS(accumulate_rows)(A, x, width, begin, end, partial_data + q * round_up8(width) * stride, w.data());
+      MLORC_ROWS(accumulate_rows)(A, x, width, begin, end, partial_data + q * padded_width * stride, w.data());
     }
   });
   at::Tensor total = partial.select(0, 0).clone();      // added in range order: elementwise adds,
