@@ -80,7 +80,6 @@ __all__ = [
 ]
 
 ATAN2_SCALE = 4 / math.pi  # Adam-atan2's a: makes the update's scale match Adam's for |m| ~ sqrt(v)
-SMALL_MATRIX = 1 << 18     # entries (1 MiB in fp32): below, the extension's passes use one thread
 FUSED_MAX_RANK = 32        # the extension rebuilds each entry with an r-term loop: past a few dozen
                            # terms the matmul of the pure path is faster
 
@@ -1032,6 +1031,9 @@ class MLorc_DAdapt_Lion(_AdaptiveStepSize):
 
 _extension = {}      # "loaded": bool, once load_extension() has decided
 CXX_FLAGS = ["-O3", "-fno-math-errno"]    # no errno from sqrtf: lets the per-entry loops vectorize
+# at::parallel_for is compiled into the extension: without OpenMP there it runs on one thread. On
+# Linux torch's CPU backend is libgomp, which the extension then shares (the same libgomp.so.1).
+OPENMP_FLAGS = ["-fopenmp"] if torch._C.has_openmp and sys.platform.startswith("linux") else []
 CUDA_FLAGS = ["-O3"]
 
 
@@ -1074,7 +1076,8 @@ def load_extension():
                 torch.ops.load_library(prebuilt)
             else:
                 cpp_extension.load(name="mlorc_ext", sources=extension_sources(with_cuda),
-                                   extra_cflags=CXX_FLAGS, extra_cuda_cflags=CUDA_FLAGS,
+                                   extra_cflags=CXX_FLAGS + OPENMP_FLAGS, extra_ldflags=OPENMP_FLAGS,
+                                   extra_cuda_cflags=CUDA_FLAGS,
                                    is_python_module=False)
             _extension["loaded"] = True
         except Exception as error:                # compiler missing, build error, no csrc/ beside us
@@ -1093,11 +1096,8 @@ shift for the rebuilt old entries below 0 when given), described by g and the ol
 class FusedMoments:
     """A stack (K, m, n) of NewMoments, which the extension's update pass never writes out. [M4]'s
     rsvd only needs products with them, so it takes the stack as it takes a stack of dense moments
-    (batched QR and SVD) while each product is formed without the moment itself:
-    - a first moment is linear in its parts: A X = beta U (s * (Vh X)) + (1 - beta) g X, one BLAS
-      product with g and a few thin ones (A^T = Vh^T s U^T + g^T likewise);
-    - a second moment is not ([M2] and g * g are entrywise): mlorc::moment_matmul rebuilds it row by
-      row from its old factors and g and multiplies as it goes.
+    (batched QR and SVD) while each product is formed without the moment itself: mlorc::moment_matmul
+    rebuilds it 16 entries at a time from its old factors and g ([M1]-[M3]) and multiplies as it goes.
     So the step holds no dense m x n moment at all (on CUDA, moment_matmul holds chunks of 16 MiB)."""
 
     def __init__(self, moments, transposed=False):
@@ -1111,21 +1111,9 @@ class FusedMoments:
         return FusedMoments(self.moments, not self.transposed)
 
     def __matmul__(self, X):
-        return torch.stack([self.product(A, X_k) for A, X_k in zip(self.moments, X.unbind(0))])
-
-    def product(self, A, X):
-        """A @ X, or A^T @ X when transposed, for one NewMoment A."""
-        (U, s, Vh), G = A.old, A.g
-        # moment_matmul for small matrices too: three BLAS calls may cost more than the product
-        # (each can wake BLAS's threads), where moment_matmul runs on this thread alone
-        if A.squared or A.shift is not None or G.numel() < SMALL_MATRIX:
-            return torch.ops.mlorc.moment_matmul(U, s, Vh, G, A.beta, A.squared, A.shift, X,
-                                                 self.transposed)
-        if self.transposed:       # G^T X as (X^T G)^T: BLAS is several times slower at the tall form
-            U, Vh, GX = Vh.mT, U.mT, (X.mT @ G).mT
-        else:
-            GX = G @ X
-        return torch.addmm(GX, U * s, Vh @ X, beta=1 - A.beta, alpha=A.beta)
+        return torch.stack([torch.ops.mlorc.moment_matmul(*A.old, A.g, A.beta, A.squared, A.shift, X_k,
+                                                          self.transposed)
+                            for A, X_k in zip(self.moments, X.unbind(0))])
 
 
 def extension_loaded():

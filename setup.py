@@ -19,8 +19,8 @@ def ahead_of_time_extension():
     kind = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
     here = os.path.dirname(os.path.abspath(__file__))
     sources = [os.path.relpath(path, here) for path in mlorc.extension_sources(with_cuda)]
-    flags = {"cxx": mlorc.CXX_FLAGS, "nvcc": mlorc.CUDA_FLAGS}
-    extension = kind("mlorc_ext", sources, extra_compile_args=flags)
+    flags = {"cxx": mlorc.CXX_FLAGS + mlorc.OPENMP_FLAGS, "nvcc": mlorc.CUDA_FLAGS}
+    extension = kind("mlorc_ext", sources, extra_compile_args=flags, extra_link_args=mlorc.OPENMP_FLAGS)
     return dict(ext_modules=[extension], cmdclass={"build_ext": cpp_extension.BuildExtension})
 
 

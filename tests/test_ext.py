@@ -149,12 +149,9 @@ def _test_moment_matmul(ops, device):
                 assert ((ours - expected).abs() <= 1e-5 * scale).all()
 
 
-# SMALL_MATRIX 0: first moments take the BLAS identity; 2^30: moment_matmul, as small matrices do
-@pytest.mark.parametrize("small_matrix", [0, 1 << 30], ids=["blas", "moment_matmul"])
-def test_fused_moments_multiply_like_the_dense_stack(ext, device, small_matrix, monkeypatch):
+def test_fused_moments_multiply_like_the_dense_stack(ext, device):
     """FusedMoments stands for the stack of dense new moments in rsvd: A @ X and A.mT @ X agree with
     the dense stack's, within the rounding bound of _test_moment_matmul."""
-    monkeypatch.setattr(mlorc, "SMALL_MATRIX", small_matrix)
     gen = torch.Generator().manual_seed(3)
 
     def rand(*shape):
@@ -169,20 +166,22 @@ def test_fused_moments_multiply_like_the_dense_stack(ext, device, small_matrix, 
         assert ((ours @ X - theirs @ X).abs() <= 1e-5 * (theirs.abs() @ X.abs())).all()
 
 
-def test_moment_matmul_is_deterministic(ext):
-    """The transposed product sums fixed row ranges in a fixed order, so repeating it gives the same
-    bits at any thread count (what bitwise resume needs). Across thread counts BLAS itself may
-    change its summation order, as torch's own matmul does."""
+def test_moment_matmul_does_not_depend_on_the_thread_count(ext):
+    """Both products sum in a fixed order (lanes, then fixed row ranges for A^T X), whichever thread
+    runs which rows, so they give the same bits at any thread count (what bitwise resume needs)."""
     gen = torch.Generator().manual_seed(1)
     old = (torch.randn(5000, 4, generator=gen), torch.rand(4, generator=gen),
            torch.randn(4, 64, generator=gen))
-    g, X = torch.randn(5000, 64, generator=gen), torch.randn(5000, 6, generator=gen)
+    g = torch.randn(5000, 64, generator=gen)
+    X = {False: torch.randn(64, 6, generator=gen), True: torch.randn(5000, 6, generator=gen)}
     threads = torch.get_num_threads()
     try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            first, again = (ext.moment_matmul(*old, g, 0.9, True, None, X, True) for _ in range(2))
-            assert torch.equal(first, again)
+        for squared, transposed in itertools.product([False, True], [False, True]):
+            products = []
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                products.append(ext.moment_matmul(*old, g, 0.9, squared, None, X[transposed], transposed))
+            assert all(torch.equal(products[0], other) for other in products[1:])
     finally:
         torch.set_num_threads(threads)
 
@@ -256,16 +255,13 @@ def test_optimizer_with_extension_matches_pure_pytorch(ext, cls, kwargs, device)
         assert not torch.equal(a, s)
 
 
-@pytest.mark.parametrize("small_matrix", [0, 1 << 30], ids=["blas", "moment_matmul"])
 @pytest.mark.parametrize("power_iters", [0, 2])
 @pytest.mark.parametrize("cls", [mlorc.MLorc_AdamW, mlorc.MLorc_Lion], ids=["AdamW", "Lion"])
-def test_products_only_compression_matches_pure_pytorch(ext, cls, power_iters, device, small_matrix,
-                                                        monkeypatch):
+def test_products_only_compression_matches_pure_pytorch(ext, cls, power_iters, device):
     """Where [M4] sketches, the fused step never writes the new moments: [M4] reaches them through
     products (FusedMoments). Matrices of several row blocks, same-shape ones batched together, at
     every power_iters, agree with the pure path to the tolerance above (the rsvd of the same
-    moments, computed in another order). First moments take either of their two products."""
-    monkeypatch.setattr(mlorc, "SMALL_MATRIX", small_matrix)
+    moments, computed in another order)."""
 
     def run(extension):
         with extension_mode(extension):
