@@ -4,32 +4,31 @@
 // function is: vector code in an inlined helper was compiled for the baseline, and its comparisons
 // ran one lane at a time.) So no include guard, and no #include: the types come from mlorc_ops.cpp.
 
-// [M1] row i of (U * s) @ Vh into out[0, cols)
-inline void rebuild_row(const Factors& f, int64_t i, int64_t cols, float* out) {
-  if (f.r == 0) {
-    std::fill(out, out + cols, 0.f);
-    return;
-  }
-  const float* u = f.U + i * f.r;
-  const float first = u[0] * f.s[0];
-  for (int64_t j = 0; j < cols; ++j) out[j] = first * f.Vh[j];
-  for (int64_t k = 1; k < f.r; ++k) {
-    const float weight = u[k] * f.s[k];
-    const float* vh = f.Vh + k * cols;
-    for (int64_t j = 0; j < cols; ++j) out[j] += weight * vh[j];
+// [M1] columns [j, j + 16) of one row of (U * s) @ Vh, from the row's weights w (Factors::weights)
+__attribute__((always_inline)) inline Floats16 lowrank_chunk(const Factors& f, const float* w, int64_t j) {
+  Floats16 sum = {};
+  for (int64_t k = 0; k < f.r; ++k) sum += w[k] * load16(f.vh + k * f.stride + j);
+  return sum;
+}
+
+// [M1] row i of (U * s) @ Vh into out[0, stride), 16 columns at a time; w: r floats of scratch
+inline void rebuild_row(const Factors& f, int64_t i, float* w, float* out) {
+  f.weights(i, w);
+  for (int64_t j = 0; j < f.stride; j += kLanes) {
+    const Floats16 chunk = lowrank_chunk(f, w, j);
+    std::memcpy(out + j, &chunk, sizeof chunk);
   }
 }
 
-// sums of |v| and counts over the negative entries of rows [begin, end), in 16 float lanes a row;
-// row holds one rebuilt row padded with zeros to a multiple of 16 (zeros are not negative)
-void negative_rows(const Factors& v, int64_t begin, int64_t end, int64_t cols, float* row,
-                   double* sum, double* count) {
+// sums of |v| and counts over the negative entries of rows [begin, end), in 16 float lanes a row
+// (the zero padding of the last chunk is not negative); w: r floats of scratch
+void negative_rows(const Factors& v, int64_t begin, int64_t end, float* w, double* sum, double* count) {
   const Floats16 zero = {}, one = zero + 1.f;
   for (int64_t i = begin; i < end; ++i) {
-    rebuild_row(v, i, cols, row);
+    v.weights(i, w);
     Floats16 row_sum = zero, row_count = zero;
-    for (int64_t j = 0; j < cols; j += kLanes) {
-      const Floats16 x = load16(row + j);
+    for (int64_t j = 0; j < v.stride; j += kLanes) {
+      const Floats16 x = lowrank_chunk(v, w, j);
       row_sum -= x < zero ? x : zero;
       row_count += x < zero ? one : zero;
     }
@@ -40,13 +39,14 @@ void negative_rows(const Factors& v, int64_t begin, int64_t end, int64_t cols, f
   }
 }
 
-// rows [begin, end); m_row and v_row hold one rebuilt row each; m_out and v_out may be null
+// rows [begin, end); m_row and v_row hold one rebuilt row each, w the weights of both moments;
+// m_out and v_out may be null
 void adamw_rows(const AdamWArgs args, const Factors& m_old, const Factors& v_old, int64_t begin,
                 int64_t end, int64_t cols, float* p, const float* g, float* m_out, float* v_out,
-                float* m_row, float* v_row) {
+                float* m_row, float* v_row, float* w) {
   for (int64_t i = begin; i < end; ++i) {
-    rebuild_row(m_old, i, cols, m_row);
-    rebuild_row(v_old, i, cols, v_row);
+    rebuild_row(m_old, i, w, m_row);
+    rebuild_row(v_old, i, w + m_old.r, v_row);
     float* __restrict pi = p + i * cols;      // restrict: no two of these overlap, so the loops
     const float* __restrict gi = g + i * cols;  // vectorize without run-time overlap checks
     if (m_out == nullptr) {
@@ -62,11 +62,11 @@ void adamw_rows(const AdamWArgs args, const Factors& m_old, const Factors& v_old
   }
 }
 
-// rows [begin, end); m_row holds one rebuilt row; m_out may be null
+// rows [begin, end); m_row holds one rebuilt row, w its weights; m_out may be null
 void lion_rows(const LionArgs args, const Factors& m_old, int64_t begin, int64_t end, int64_t cols,
-               float* p, const float* g, float* m_out, float* m_row) {
+               float* p, const float* g, float* m_out, float* m_row, float* w) {
   for (int64_t i = begin; i < end; ++i) {
-    rebuild_row(m_old, i, cols, m_row);
+    rebuild_row(m_old, i, w, m_row);
     float* __restrict pi = p + i * cols;      // restrict: as in adamw_rows
     const float* __restrict gi = g + i * cols;
     if (m_out == nullptr) {
@@ -90,8 +90,7 @@ void lion_rows(const LionArgs args, const Factors& m_old, int64_t begin, int64_t
 template <bool kSquared, bool kRepair>
 __attribute__((always_inline)) inline Floats16 moment_chunk(const NewMoment& A, const float* w, const float* gi,
                                                             int64_t j) {
-  Floats16 old = {};
-  for (int64_t k = 0; k < A.r; ++k) old += w[k] * load16(A.vh + k * A.stride + j);
+  Floats16 old = lowrank_chunk(A.old, w, j);
   Floats16 g = {};
   if (j + kLanes <= A.cols)
     g = load16(gi + j);
@@ -140,19 +139,19 @@ template <bool kSquared, bool kRepair>
 __attribute__((always_inline)) inline void product_rows_impl(const NewMoment& A, const float* Xt,
                                                              int64_t width, int64_t begin, int64_t end,
                                                              float* out, float* w) {
-  float *w0 = w, *w1 = w + A.r;
+  float *w0 = w, *w1 = w + A.old.r;
   for (int64_t i = begin; i < end; i += 2) {
     const int64_t i1 = std::min(i + 1, end - 1);
-    A.weights(i, w0);
-    A.weights(i1, w1);
+    A.old.weights(i, w0);
+    A.old.weights(i1, w1);
     const float *g0 = A.g + i * A.cols, *g1 = A.g + i1 * A.cols;
     for (int64_t q0 = 0; q0 < width; q0 += kWidthBlock) {
       Floats16 sum[2 * kWidthBlock] = {};       // row i's 8 sums, then row i1's
-      for (int64_t j = 0; j < A.stride; j += kLanes) {
+      for (int64_t j = 0; j < A.old.stride; j += kLanes) {
         const Floats16 a0 = moment_chunk<kSquared, kRepair>(A, w0, g0, j),
                        a1 = moment_chunk<kSquared, kRepair>(A, w1, g1, j);
         for (int64_t q = 0; q < kWidthBlock; ++q) {
-          const Floats16 x = load16(Xt + (q0 + q) * A.stride + j);
+          const Floats16 x = load16(Xt + (q0 + q) * A.old.stride + j);
           sum[q] += a0 * x;
           sum[kWidthBlock + q] += a1 * x;
         }
@@ -177,18 +176,18 @@ __attribute__((always_inline)) inline void accumulate_rows_impl(const NewMoment&
   const int64_t x_stride = round_up8(width);
   for (int64_t first = begin; first < end; first += kRowBlock) {
     const int64_t last = std::min(end, first + kRowBlock);
-    for (int64_t i = first; i < last; ++i) A.weights(i, w + (i - first) * A.r);
+    for (int64_t i = first; i < last; ++i) A.old.weights(i, w + (i - first) * A.old.r);
     for (int64_t q0 = 0; q0 < width; q0 += kWidthBlock) {
-      for (int64_t j = 0; j < A.stride; j += kLanes) {
+      for (int64_t j = 0; j < A.old.stride; j += kLanes) {
         Floats16 sum[kWidthBlock];
-        for (int64_t q = 0; q < kWidthBlock; ++q) sum[q] = load16(out + (q0 + q) * A.stride + j);
+        for (int64_t q = 0; q < kWidthBlock; ++q) sum[q] = load16(out + (q0 + q) * A.old.stride + j);
         for (int64_t i = first; i < last; ++i) {
-          const Floats16 a = moment_chunk<kSquared, kRepair>(A, w + (i - first) * A.r, A.g + i * A.cols, j);
+          const Floats16 a = moment_chunk<kSquared, kRepair>(A, w + (i - first) * A.old.r, A.g + i * A.cols, j);
           const float* x = X + i * x_stride + q0;
           for (int64_t q = 0; q < kWidthBlock; ++q) sum[q] += a * x[q];
         }
         for (int64_t q = 0; q < kWidthBlock; ++q)
-          std::memcpy(out + (q0 + q) * A.stride + j, &sum[q], sizeof(Floats16));
+          std::memcpy(out + (q0 + q) * A.old.stride + j, &sum[q], sizeof(Floats16));
       }
     }
   }

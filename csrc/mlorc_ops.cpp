@@ -100,27 +100,38 @@ void for_row_blocks(int64_t rows, int64_t cols, int64_t scratch_floats, const Fn
   });
 }
 
-// One factored moment, (U * s) @ Vh, as raw pointers
+// One factored moment, (U * s) @ Vh, as raw pointers. Vh is read from a copy padded with zero
+// columns to `stride` (a multiple of 16, see padded), so every 16-column chunk of it is one whole
+// load and no loop over a row needs a partial last chunk.
 struct Factors {
-  const float *U, *s, *Vh;
-  int64_t r;
-  Factors(const at::Tensor& U_, const at::Tensor& s_, const at::Tensor& Vh_)
-      : U(U_.data_ptr<float>()), s(s_.data_ptr<float>()), Vh(Vh_.data_ptr<float>()), r(s_.size(0)) {}
-};
-
-// The moment A, 16 columns of one row at a time, held in registers: no row buffer is written and read
-// back. Vh comes padded with zeros to `stride` columns (a multiple of 16), so every chunk of it is a
-// whole load; g is not padded, and its last chunk in a row is loaded partly.
-struct NewMoment {
-  const float *U, *s, *vh, *g;      // vh: Vh padded, (r, stride)
-  int64_t r, cols, stride;
-  float beta, shift;
-  bool squared, repair;
+  const float *U, *s, *vh;      // vh: Vh padded, (r, stride)
+  int64_t r, stride;
+  Factors(const at::Tensor& U_, const at::Tensor& s_, const at::Tensor& vh_)
+      : U(U_.data_ptr<float>()), s(s_.data_ptr<float>()), vh(vh_.data_ptr<float>()), r(s_.size(0)),
+        stride(vh_.size(1)) {}
 
   // U[i, :] * s: the row's weights of [M1]
   void weights(int64_t i, float* w) const {
     for (int64_t k = 0; k < r; ++k) w[k] = U[i * r + k] * s[k];
   }
+};
+
+// Vh (r, n) with zero columns added up to round_up16(n), for Factors
+at::Tensor padded(const at::Tensor& Vh) {
+  at::Tensor vh = at::zeros({Vh.size(0), round_up16(Vh.size(1))}, Vh.options());
+  vh.narrow(1, 0, Vh.size(1)).copy_(Vh);
+  return vh;
+}
+
+// The new moment A = beta * old + (1 - beta) * g (g * g when squared, old entries below 0 replaced by
+// shift when repair), 16 columns of one row at a time, held in registers: no row buffer is written
+// and read back. g is not padded: its last chunk in a row is loaded partly.
+struct NewMoment {
+  Factors old;
+  const float* g;
+  int64_t cols;
+  float beta, shift;
+  bool squared, repair;
 };
 
 // Accumulators are kept for 8 columns of X (or of the product) at a time; X is padded with zero
@@ -169,11 +180,12 @@ int cpu_level() {
 at::Tensor negative_mean_cpu(const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh) {
   const int64_t rows = U.size(0), cols = Vh.size(1);
   check_factors(U, s, Vh, rows, cols, "negative_mean");
-  const Factors v(U, s, Vh);
+  const at::Tensor vh = padded(Vh);
+  const Factors v(U, s, vh);
   // per-block partial sums, reduced in block order: independent of the thread count
   std::vector<double> block_sum(count_blocks(rows, cols), 0.0), block_count(block_sum.size(), 0.0);
-  for_row_blocks(rows, cols, round_up16(cols), [&](int64_t k, int64_t begin, int64_t end, float* row) {
-    MLORC_ROWS(negative_rows)(v, begin, end, cols, row, &block_sum[k], &block_count[k]);
+  for_row_blocks(rows, cols, v.r, [&](int64_t k, int64_t begin, int64_t end, float* w) {
+    MLORC_ROWS(negative_rows)(v, begin, end, w, &block_sum[k], &block_count[k]);
   });
   double sum = 0.0, count = 0.0;
   for (size_t k = 0; k < block_sum.size(); ++k) {
@@ -207,11 +219,15 @@ void adamw_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU, 
   const int64_t rows = param.size(0), cols = param.size(1);
   const AdamWArgs args = make_adamw_args(beta1, beta2, lr, weight_decay, eps, bc1, bc2,
                                          shift.item<float>(), ms.size(0), vs.size(0));
-  const Factors m_old(mU, ms, mVh), v_old(vU, vs, vVh);
+  const at::Tensor mvh = padded(mVh), vvh = padded(vVh);
+  const Factors m_old(mU, ms, mvh), v_old(vU, vs, vvh);
   float* p = param.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
-  for_row_blocks(rows, cols, 2 * cols, [&](int64_t, int64_t begin, int64_t end, float* scratch) {
-    MLORC_ROWS(adamw_rows)(args, m_old, v_old, begin, end, cols, p, g, m_out, v_out, scratch, scratch + cols);
+  const int64_t stride = mvh.size(1);
+  for_row_blocks(rows, cols, 2 * stride + m_old.r + v_old.r, [&](int64_t, int64_t begin, int64_t end,
+                                                                 float* scratch) {
+    MLORC_ROWS(adamw_rows)(args, m_old, v_old, begin, end, cols, p, g, m_out, v_out, scratch,
+                           scratch + stride, scratch + 2 * stride);
   });
 }
 
@@ -233,11 +249,12 @@ void lion_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U, co
   check_lion_args(param, grad, U, s, Vh);
   const int64_t rows = param.size(0), cols = param.size(1);
   const LionArgs args = make_lion_args(beta1, beta2, lr, weight_decay, s.size(0));
-  const Factors m_old(U, s, Vh);
+  const at::Tensor vh = padded(Vh);
+  const Factors m_old(U, s, vh);
   float* p = param.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
-  for_row_blocks(rows, cols, cols, [&](int64_t, int64_t begin, int64_t end, float* row) {
-    MLORC_ROWS(lion_rows)(args, m_old, begin, end, cols, p, g, m_out, row);
+  for_row_blocks(rows, cols, vh.size(1) + m_old.r, [&](int64_t, int64_t begin, int64_t end, float* row) {
+    MLORC_ROWS(lion_rows)(args, m_old, begin, end, cols, p, g, m_out, row, row + vh.size(1));
   });
 }
 
@@ -267,11 +284,9 @@ at::Tensor moment_matmul_cpu(const at::Tensor& U, const at::Tensor& s, const at:
   const int64_t rows = U.size(0), cols = Vh.size(1), r = s.size(0), width = X.size(1);
   const int64_t stride = round_up16(cols), b = block_rows(cols), blocks = count_blocks(rows, cols);
   const int64_t padded_width = round_up8(width);      // X's columns, padded to the 8 summed at once
-  at::Tensor vh = at::zeros({r, stride}, Vh.options());              // Vh, rows padded with zeros
-  vh.narrow(1, 0, cols).copy_(Vh);
+  const at::Tensor vh = padded(Vh);
   const bool repair = shift.has_value();
-  const NewMoment A{U.data_ptr<float>(), s.data_ptr<float>(), vh.data_ptr<float>(),
-                    grad.data_ptr<float>(), r, cols, stride, float(beta),
+  const NewMoment A{Factors(U, s, vh), grad.data_ptr<float>(), cols, float(beta),
                     repair ? shift->item<float>() : 0.f, squared, repair};
   if (!transposed) {
     at::Tensor Xt = at::zeros({padded_width, stride}, X.options());   // X^T, padded with zeros
