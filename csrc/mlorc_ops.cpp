@@ -100,6 +100,15 @@ void for_row_blocks(int64_t rows, int64_t cols, int64_t scratch_floats, const Fn
   });
 }
 
+// How many threads parallel_for_matrix runs a large matrix's blocks on. at::parallel_for is compiled
+// into this library: built without OpenMP it runs every block on the calling thread, so the tests
+// check this against torch.get_num_threads().
+int64_t parallel_threads() {
+  std::vector<char> ran(at::get_num_threads(), 0);      // one slot per thread: no two write the same
+  parallel_for_matrix(64, 64, [&](int64_t, int64_t) { ran[at::get_thread_num()] = 1; });
+  return std::count(ran.begin(), ran.end(), 1);
+}
+
 // One factored moment, (U * s) @ Vh, as raw pointers. Vh is read from a copy padded with zero
 // columns to `stride` (a multiple of 16, see padded), so every 16-column chunk of it is one whole
 // load and no loop over a row needs a partial last chunk.
@@ -321,6 +330,7 @@ at::Tensor moment_matmul_cpu(const at::Tensor& U, const at::Tensor& s, const at:
 }
 
 TORCH_LIBRARY(mlorc, m) {
+  m.def("parallel_threads() -> int", &parallel_threads);
   m.def("negative_mean(Tensor U, Tensor s, Tensor Vh) -> Tensor");
   m.def(
       "adamw_step_(Tensor(a!) param, Tensor grad, Tensor mU, Tensor ms, Tensor mVh, Tensor vU, "

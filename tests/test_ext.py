@@ -166,6 +166,20 @@ def test_fused_moments_multiply_like_the_dense_stack(ext, device):
         assert ((ours @ X - theirs @ X).abs() <= 1e-5 * (theirs.abs() @ X.abs())).all()
 
 
+def test_row_loops_run_on_every_thread(ext):
+    """The CPU passes split a large matrix's rows over torch's threads: the extension is built with
+    OpenMP (without it, at::parallel_for runs them all on the calling thread)."""
+    if not mlorc.OPENMP_FLAGS:
+        pytest.skip("the extension is built without OpenMP here (torch without it, or not Linux)")
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert ext.parallel_threads() == n
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_moment_matmul_does_not_depend_on_the_thread_count(ext):
     """Both products sum in a fixed order (lanes, then fixed row ranges for A^T X), whichever thread
     runs which rows, so they give the same bits at any thread count (what bitwise resume needs)."""
