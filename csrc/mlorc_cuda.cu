@@ -1,6 +1,7 @@
 // CUDA kernels of the mlorc operators (schemas and checks live in mlorc_ops.cpp). One thread per
 // matrix entry, launched on the current stream; the arithmetic is mlorc_kernels.h's, as on the CPU.
-// moment_matmul writes its moment a chunk of rows at a time and multiplies the chunk with cuBLAS.
+// moment_matmul writes a second moment a chunk of rows at a time and multiplies the chunk with
+// cuBLAS; a first moment is linear in its parts and needs no chunk.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -126,7 +127,8 @@ void lion_cuda(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U, c
 }
 
 // A @ X or A^T @ X, a chunk of at most 4M entries (16 MiB) of A at a time: the only m x n memory
-// the product holds. The chunks' products are added in row order, so the result is deterministic.
+// the product holds (none for a first moment). The chunks' products are added in row order, so
+// the result is deterministic.
 at::Tensor moment_matmul_cuda(const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh,
                               const at::Tensor& grad, double beta, bool squared,
                               const c10::optional<at::Tensor>& shift, const at::Tensor& X,
@@ -135,9 +137,16 @@ at::Tensor moment_matmul_cuda(const at::Tensor& U, const at::Tensor& s, const at
   TORCH_CHECK(!shift.has_value() || shift->device() == grad.device(),
               "mlorc: moment_matmul's shift must be on grad's device");
   const c10::cuda::CUDAGuard guard(grad.device());
+  const at::Tensor X_ = X.contiguous();
+  if (!squared && !shift.has_value()) {
+    // a first moment is linear in its parts, A X = beta (U s) (Vh X) + (1 - beta) g X: cuBLAS
+    // multiplies g itself, with no chunk of A to write and read back
+    const at::Tensor Us = U * s;
+    return transposed ? at::addmm(at::mm(grad.t(), X_), Vh.t(), at::mm(Us.t(), X_), 1.0 - beta, beta)
+                      : at::addmm(at::mm(grad, X_), Us, at::mm(Vh, X_), 1.0 - beta, beta);
+  }
   const int64_t rows = grad.size(0), cols = grad.size(1), width = X.size(1);
   const int64_t chunk_rows = std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(cols, 1));
-  const at::Tensor X_ = X.contiguous();
   at::Tensor out = transposed ? at::zeros({cols, width}, X.options()) : at::empty({rows, width}, X.options());
   at::Tensor chunk = at::empty({std::min(rows, chunk_rows), cols}, grad.options());
   for (int64_t begin = 0; begin < rows; begin += chunk_rows) {
