@@ -130,23 +130,25 @@ def _test_moment_matmul(ops, device):
     ~1 / sqrt(n) = 1e-2 of it or more. Shapes: one block of rows, a few with a short last one, more
     than the 8 ranges the CPU's transposed product sums separately, an odd number of rows (the CPU
     takes them in pairs), one row, widths that are not a multiple of the CPU's 16 lanes, and (CUDA)
-    more rows than one 4M-entry chunk; X 6 and 11 wide (the CPU holds sums for 8 columns of X at a
-    time)."""
+    more rows than one 4M-entry chunk; X 6, 8 and 11 wide (the CPU holds sums for 8 columns of X at
+    a time), row-major (as rsvd's Omega) and column-major (as its Q from torch.linalg.qr, which the
+    CPU reads in place where the width is a multiple of 8 and, for A X, the columns of 16)."""
     shapes = [(12, 10), (300, 100), (5000, 64), (40, 33), (7, 50), (1, 20)]
     shapes += [(70000, 65)] if device == "cuda" else []
-    for (rows, cols), width in itertools.product(shapes, (6, 11)):
+    for (rows, cols), width in itertools.product(shapes, (6, 8, 11)):
         gen = torch.Generator().manual_seed(rows)
         old = tuple(t.to(device) for t in (torch.randn(rows, 4, generator=gen), torch.rand(4, generator=gen),
                                            torch.randn(4, cols, generator=gen)))
         g = torch.randn(rows, cols, generator=gen).to(device)
         for squared, shift in [(False, None), (True, ops.negative_mean(*old))]:
             A = dense_moment(old, g, 0.9, squared, shift)
-            X_cols = torch.linalg.qr(torch.randn(cols, width, generator=gen)).Q.to(device)  # column-major,
-            X_rows = torch.randn(rows, width, generator=gen).to(device)                     # as rsvd's
-            for transposed, X, expected, scale in [(False, X_cols, A @ X_cols, A.abs() @ X_cols.abs()),
-                                                   (True, X_rows, A.T @ X_rows, A.abs().T @ X_rows.abs())]:
-                ours = ops.moment_matmul(*old, g, 0.9, squared, shift, X, transposed)
-                assert ((ours - expected).abs() <= 1e-5 * scale).all()
+            for transposed, length in [(False, cols), (True, rows)]:
+                X = torch.randn(length, width, generator=gen).to(device)
+                expected = (A.T if transposed else A) @ X
+                scale = (A.T if transposed else A).abs() @ X.abs()
+                for layout in (X, X.T.contiguous().T):                  # row-major, column-major
+                    ours = ops.moment_matmul(*old, g, 0.9, squared, shift, layout, transposed)
+                    assert ((ours - expected).abs() <= 1e-5 * scale).all()
 
 
 def test_fused_moments_multiply_like_the_dense_stack(ext, device):
