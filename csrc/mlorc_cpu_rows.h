@@ -132,9 +132,9 @@ __attribute__((always_inline)) inline Floats16 lane_totals(const Floats16 (&v)[1
 
 // rows [begin, end) of A @ X into out (rows, width), two rows at a time: each 16-column chunk of
 // the two rows is rebuilt in registers and multiplied into 2 x 8 running 16-lane sums, whose lanes
-// are added at the end (lane_totals). Xt is X^T (round_up8(width), stride), padded with zeros (loop_layout);
-// the padding makes the partial last chunk contribute nothing beyond column cols. A lone last row
-// is computed as a pair with itself.
+// are added at the end (lane_totals). Xt is X^T (round_up8(width), stride), padded with zeros
+// (loop_layout): the padding makes the partial last chunk contribute nothing beyond column cols.
+// A lone last row is computed as a pair with itself.
 template <bool kSquared, bool kRepair>
 __attribute__((always_inline)) inline void product_rows_impl(const NewMoment& A, const float* Xt,
                                                              int64_t width, int64_t begin, int64_t end,
