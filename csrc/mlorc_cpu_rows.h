@@ -175,12 +175,13 @@ __attribute__((always_inline)) inline void product_rows_impl(const NewMoment& A,
 // X^T A: for each 16-column chunk, 8 output rows stay in registers while the rows of A go by, each
 // chunk of A rebuilt in registers and added in times X[i, q]. Rows go in blocks of 32, so a block
 // of g (and of U) stays in cache across its chunks; each row fetches its chunk in the next block
-// ahead (the hardware prefetcher does not follow 32 rows at once). Xt is X^T (round_up8(width),
-// rows), padded with zeros (loop_layout).
+// ahead (the hardware prefetcher does not follow 32 rows at once). X is (rows, round_up8(width)),
+// padded with zeros.
 template <bool kSquared, bool kRepair>
-__attribute__((always_inline)) inline void accumulate_rows_impl(const NewMoment& A, const float* Xt,
+__attribute__((always_inline)) inline void accumulate_rows_impl(const NewMoment& A, const float* X,
                                                                 int64_t width, int64_t begin,
                                                                 int64_t end, float* out, float* w) {
+  const int64_t x_stride = round_up8(width);
   for (int64_t first = begin; first < end; first += kRowBlock) {
     const int64_t last = std::min(end, first + kRowBlock);
     for (int64_t i = first; i < last; ++i) A.old.weights(i, w + (i - first) * A.old.r);
@@ -191,7 +192,8 @@ __attribute__((always_inline)) inline void accumulate_rows_impl(const NewMoment&
         for (int64_t i = first; i < last; ++i) {
           __builtin_prefetch(A.g + std::min(i + kRowBlock, end - 1) * A.cols + j);    // see above
           const Floats16 a = moment_chunk<kSquared, kRepair>(A, w + (i - first) * A.old.r, A.g + i * A.cols, j);
-          for (int64_t q = 0; q < kWidthBlock; ++q) sum[q] += a * Xt[(q0 + q) * A.rows + i];
+          const float* x = X + i * x_stride + q0;
+          for (int64_t q = 0; q < kWidthBlock; ++q) sum[q] += a * x[q];
         }
         for (int64_t q = 0; q < kWidthBlock; ++q)
           std::memcpy(out + (q0 + q) * A.old.stride + j, &sum[q], sizeof(Floats16));
@@ -211,12 +213,12 @@ void product_rows(const NewMoment& A, const float* Xt, int64_t width, int64_t be
              : product_rows_impl<false, false>(A, Xt, width, begin, end, out, w);
 }
 
-void accumulate_rows(const NewMoment& A, const float* Xt, int64_t width, int64_t begin, int64_t end,
+void accumulate_rows(const NewMoment& A, const float* X, int64_t width, int64_t begin, int64_t end,
                      float* out, float* w) {
   if (A.squared)
-    A.repair ? accumulate_rows_impl<true, true>(A, Xt, width, begin, end, out, w)
-             : accumulate_rows_impl<true, false>(A, Xt, width, begin, end, out, w);
+    A.repair ? accumulate_rows_impl<true, true>(A, X, width, begin, end, out, w)
+             : accumulate_rows_impl<true, false>(A, X, width, begin, end, out, w);
   else
-    A.repair ? accumulate_rows_impl<false, true>(A, Xt, width, begin, end, out, w)
-             : accumulate_rows_impl<false, false>(A, Xt, width, begin, end, out, w);
+    A.repair ? accumulate_rows_impl<false, true>(A, X, width, begin, end, out, w)
+             : accumulate_rows_impl<false, false>(A, X, width, begin, end, out, w);
 }

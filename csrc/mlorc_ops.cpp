@@ -138,7 +138,7 @@ at::Tensor padded(const at::Tensor& Vh) {
 struct NewMoment {
   Factors old;
   const float* g;
-  int64_t rows, cols;
+  int64_t cols;
   float beta, shift;
   bool squared, repair;
 };
@@ -149,14 +149,24 @@ constexpr int64_t kWidthBlock = 8;
 
 inline int64_t round_up8(int64_t n) { return (n + kWidthBlock - 1) / kWidthBlock * kWidthBlock; }
 
-// X^T as the product loops read it, (round_up8(width), ld): zero rows past X's width, zero columns
-// past its rows. X^T itself where it already is that (an orthonormal basis from torch.linalg.qr is
+// X^T as A X's loops read it, (round_up8(width), ld): zero rows past X's width, zero columns past
+// its rows. X^T itself where it already is that (an orthonormal basis from torch.linalg.qr is
 // column-major, so its transpose is contiguous), else a padded copy.
 at::Tensor loop_layout(const at::Tensor& X, int64_t ld) {
   const at::Tensor Xt = X.t();
   if (X.size(1) % kWidthBlock == 0 && X.size(0) == ld && Xt.is_contiguous()) return Xt;
   at::Tensor padded = at::zeros({round_up8(X.size(1)), ld}, X.options());
   padded.narrow(0, 0, X.size(1)).narrow(1, 0, X.size(0)).copy_(Xt);
+  return padded;
+}
+
+// X as A^T X's loops read it, (rows, round_up8(width)) row by row, zero columns past its width: X
+// itself where it already is that, else a padded copy. (Reading X^T in place there, 8 strided
+// values a row, was slower than this copy.)
+at::Tensor padded_columns(const at::Tensor& X) {
+  if (X.size(1) % kWidthBlock == 0 && X.is_contiguous()) return X;
+  at::Tensor padded = at::zeros({X.size(0), round_up8(X.size(1))}, X.options());
+  padded.narrow(1, 0, X.size(1)).copy_(X);
   return padded;
 }
 
@@ -306,7 +316,7 @@ at::Tensor moment_matmul_cpu(const at::Tensor& U, const at::Tensor& s, const at:
   const int64_t padded_width = round_up8(width);      // X's columns, padded to the 8 summed at once
   const at::Tensor vh = padded(Vh);
   const bool repair = shift.has_value();
-  const NewMoment A{Factors(U, s, vh), grad.data_ptr<float>(), rows, cols, float(beta),
+  const NewMoment A{Factors(U, s, vh), grad.data_ptr<float>(), cols, float(beta),
                     repair ? shift->item<float>() : 0.f, squared, repair};
   if (!transposed) {
     const at::Tensor Xt = loop_layout(X, stride);
@@ -322,15 +332,15 @@ at::Tensor moment_matmul_cpu(const at::Tensor& U, const at::Tensor& s, const at:
   // partial product, added in range order, so which thread runs which range does not matter.
   const int64_t parts = std::min<int64_t>(blocks, 8);
   if (parts == 0) return at::zeros({cols, width}, X.options());         // no rows: A^T X is 0
-  const at::Tensor Xt = loop_layout(X, rows);
-  const float* xt = Xt.data_ptr<float>();
+  const at::Tensor Xp = padded_columns(X);
+  const float* x = Xp.data_ptr<float>();
   at::Tensor partial = at::zeros({parts, padded_width, stride}, X.options());
   float* partial_data = partial.data_ptr<float>();
   parallel_for_matrix(parts, blocks, [&](int64_t first, int64_t last) {
     std::vector<float> w(kRowBlock * r);
     for (int64_t q = first; q < last; ++q) {
       const int64_t begin = q * blocks / parts * b, end = std::min(rows, (q + 1) * blocks / parts * b);
-      MLORC_ROWS(accumulate_rows)(A, xt, width, begin, end, partial_data + q * padded_width * stride,
+      MLORC_ROWS(accumulate_rows)(A, x, width, begin, end, partial_data + q * padded_width * stride,
                                   w.data());
     }
   });

@@ -131,8 +131,9 @@ def _test_moment_matmul(ops, device):
     than the 8 ranges the CPU's transposed product sums separately, an odd number of rows (the CPU
     takes them in pairs), one row, widths that are not a multiple of the CPU's 16 lanes, and (CUDA)
     more rows than one 4M-entry chunk; X 6, 8 and 11 wide (the CPU holds sums for 8 columns of X at
-    a time), row-major (as rsvd's Omega) and column-major (as its Q from torch.linalg.qr, which the
-    CPU reads in place where the width is a multiple of 8 and, for A X, the columns of 16)."""
+    a time), row-major (as rsvd's Omega) and column-major (as its Q from torch.linalg.qr); where the
+    width is a multiple of 8 the CPU reads X in place in one layout (X^T for A X, if the columns are
+    also a multiple of 16; X for A^T X) and copies it in the other."""
     shapes = [(12, 10), (300, 100), (5000, 64), (40, 33), (7, 50), (1, 20)]
     shapes += [(70000, 65)] if device == "cuda" else []
     for (rows, cols), width in itertools.product(shapes, (6, 8, 11)):
