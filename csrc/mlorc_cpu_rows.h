@@ -171,7 +171,7 @@ __attribute__((always_inline)) inline void product_rows_impl(const NewMoment& A,
   }
 }
 
-// rows [begin, end)'s share of A^T @ X, added into out (round_up8(width), stride), its transpose
+// rows [begin, end)'s share of A^T @ X, written to out (round_up8(width), stride), its transpose
 // X^T A: for each 16-column chunk, 8 output rows stay in registers while the rows of A go by, each
 // chunk of A rebuilt in registers and added in times X[i, q]. Rows go in blocks of 32, so a block
 // of g (and of U) stays in cache across its chunks; each row fetches its chunk in the next block
@@ -187,8 +187,9 @@ __attribute__((always_inline)) inline void accumulate_rows_impl(const NewMoment&
     for (int64_t i = first; i < last; ++i) A.old.weights(i, w + (i - first) * A.old.r);
     for (int64_t q0 = 0; q0 < width; q0 += kWidthBlock) {
       for (int64_t j = 0; j < A.old.stride; j += kLanes) {
-        Floats16 sum[kWidthBlock];
-        for (int64_t q = 0; q < kWidthBlock; ++q) sum[q] = load16(out + (q0 + q) * A.old.stride + j);
+        Floats16 sum[kWidthBlock] = {};        // the range's first block writes out, the others add
+        if (first != begin)
+          for (int64_t q = 0; q < kWidthBlock; ++q) sum[q] = load16(out + (q0 + q) * A.old.stride + j);
         for (int64_t i = first; i < last; ++i) {
           __builtin_prefetch(A.g + std::min(i + kRowBlock, end - 1) * A.cols + j);    // see above
           const Floats16 a = moment_chunk<kSquared, kRepair>(A, w + (i - first) * A.old.r, A.g + i * A.cols, j);

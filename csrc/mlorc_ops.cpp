@@ -109,6 +109,17 @@ int64_t parallel_threads() {
   return std::count(ran.begin(), ran.end(), 1);
 }
 
+// The matrix M (any strides) in the top left corner of a contiguous (rows, cols) one, zeros around
+// it, in one pass (the matrices padded here are thin: factors and (r + p)-wide sketches).
+at::Tensor padded_copy(const at::Tensor& M, int64_t rows, int64_t cols) {
+  at::Tensor out = at::empty({rows, cols}, M.options());
+  const auto m = M.accessor<float, 2>();
+  float* o = out.data_ptr<float>();
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) o[i * cols + j] = i < M.size(0) && j < M.size(1) ? m[i][j] : 0.f;
+  return out;
+}
+
 // One factored moment, (U * s) @ Vh, as raw pointers. Vh is read from a copy padded with zero
 // columns to `stride` (a multiple of 16, see padded), so every 16-column chunk of it is one whole
 // load and no loop over a row needs a partial last chunk.
@@ -126,11 +137,7 @@ struct Factors {
 };
 
 // Vh (r, n) with zero columns added up to round_up16(n), for Factors
-at::Tensor padded(const at::Tensor& Vh) {
-  at::Tensor vh = at::zeros({Vh.size(0), round_up16(Vh.size(1))}, Vh.options());
-  vh.narrow(1, 0, Vh.size(1)).copy_(Vh);
-  return vh;
-}
+at::Tensor padded(const at::Tensor& Vh) { return padded_copy(Vh, Vh.size(0), round_up16(Vh.size(1))); }
 
 // The new moment A = beta * old + (1 - beta) * g (g * g when squared, old entries below 0 replaced by
 // shift when repair), 16 columns of one row at a time, held in registers: no row buffer is written
@@ -155,9 +162,7 @@ inline int64_t round_up8(int64_t n) { return (n + kWidthBlock - 1) / kWidthBlock
 at::Tensor loop_layout(const at::Tensor& X, int64_t ld) {
   const at::Tensor Xt = X.t();
   if (X.size(1) % kWidthBlock == 0 && X.size(0) == ld && Xt.is_contiguous()) return Xt;
-  at::Tensor padded = at::zeros({round_up8(X.size(1)), ld}, X.options());
-  padded.narrow(0, 0, X.size(1)).narrow(1, 0, X.size(0)).copy_(Xt);
-  return padded;
+  return padded_copy(Xt, round_up8(X.size(1)), ld);
 }
 
 // X as A^T X's loops read it, (rows, round_up8(width)) row by row, zero columns past its width: X
@@ -165,9 +170,7 @@ at::Tensor loop_layout(const at::Tensor& X, int64_t ld) {
 // values a row, was slower than this copy.)
 at::Tensor padded_columns(const at::Tensor& X) {
   if (X.size(1) % kWidthBlock == 0 && X.is_contiguous()) return X;
-  at::Tensor padded = at::zeros({X.size(0), round_up8(X.size(1))}, X.options());
-  padded.narrow(1, 0, X.size(1)).copy_(X);
-  return padded;
+  return padded_copy(X, X.size(0), round_up8(X.size(1)));
 }
 
 // A^T X goes over rows in blocks of 32, so a block of g (and of U) stays in cache across its chunks
@@ -334,19 +337,27 @@ at::Tensor moment_matmul_cpu(const at::Tensor& U, const at::Tensor& s, const at:
   if (parts == 0) return at::zeros({cols, width}, X.options());         // no rows: A^T X is 0
   const at::Tensor Xp = padded_columns(X);
   const float* x = Xp.data_ptr<float>();
-  at::Tensor partial = at::zeros({parts, padded_width, stride}, X.options());
-  float* partial_data = partial.data_ptr<float>();
+  // each range holds at least one block (parts <= blocks), whose rows write its partial first
+  std::vector<float> partial(parts * padded_width * stride);
   parallel_for_matrix(parts, blocks, [&](int64_t first, int64_t last) {
     std::vector<float> w(kRowBlock * r);
     for (int64_t q = first; q < last; ++q) {
       const int64_t begin = q * blocks / parts * b, end = std::min(rows, (q + 1) * blocks / parts * b);
-      MLORC_ROWS(accumulate_rows)(A, x, width, begin, end, partial_data + q * padded_width * stride,
+      MLORC_ROWS(accumulate_rows)(A, x, width, begin, end, partial.data() + q * padded_width * stride,
                                   w.data());
     }
   });
-  at::Tensor total = partial.select(0, 0).clone();      // added in range order: elementwise adds,
-  for (int64_t q = 1; q < parts; ++q) total.add_(partial.select(0, q));   // whatever the threads
-  return total.narrow(0, 0, width).narrow(1, 0, cols).t().contiguous();
+  // the partials' sum, transposed: added in range order, whichever thread ran which range
+  at::Tensor out = at::empty({cols, width}, X.options());
+  float* o = out.data_ptr<float>();
+  for (int64_t j = 0; j < cols; ++j) {
+    for (int64_t c = 0; c < width; ++c) {
+      float total = partial[c * stride + j];
+      for (int64_t q = 1; q < parts; ++q) total += partial[(q * padded_width + c) * stride + j];
+      o[j * width + c] = total;
+    }
+  }
+  return out;
 }
 
 TORCH_LIBRARY(mlorc, m) {
