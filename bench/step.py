@@ -141,21 +141,33 @@ def main():
 
 def thin_product_rate(params, width, cuda):
     """What one of [M4]'s products runs at here: the largest matrix times a width-wide matrix, the
-    kind of product that sets the floor of an MLorc step (see the README)."""
+    kind of product that sets the floor of an MLorc step (see the README), through BLAS and, when
+    the extension is loaded, through moment_matmul (a second moment rebuilt from rank-4 factors)."""
     G = max(params, key=lambda p: p.numel()).grad.float()
-    X = torch.randn(G.shape[1], width, device=G.device)
-    for _ in range(2):
-        G @ X
-    if cuda:
-        torch.cuda.synchronize()
-    start, runs = time.perf_counter(), 10
-    for _ in range(runs):
-        G @ X
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / runs
-    return (f"(one thin product, {tuple(G.shape)} @ ({G.shape[1]}, {width}) in fp32: {seconds * 1e3:.2f} ms, "
-            f"{2 * G.numel() * width / seconds / 1e9:.0f} GFLOP/s)")
+    m, n = G.shape
+    X = torch.randn(n, width, generator=torch.Generator().manual_seed(1)).to(G.device)
+    products = {"BLAS, g @ X": lambda: G @ X}
+    if mlorc.extension_loaded():
+        gen = torch.Generator().manual_seed(0)
+        U, s, Vh = (t.to(G.device) for t in (torch.randn(m, 4, generator=gen), torch.rand(4, generator=gen),
+                                             torch.randn(4, n, generator=gen)))
+        shift = torch.ops.mlorc.negative_mean(U, s, Vh)
+        products["moment_matmul, A @ X"] = lambda: torch.ops.mlorc.moment_matmul(
+            U, s, Vh, G, 0.999, True, shift, X, False)
+    rates = []
+    for name, product in products.items():
+        for _ in range(2):
+            product()
+        if cuda:
+            torch.cuda.synchronize()
+        start, runs = time.perf_counter(), 10
+        for _ in range(runs):
+            product()
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / runs
+        rates.append(f"{name} {seconds * 1e3:.2f} ms, {2 * G.numel() * width / seconds / 1e9:.0f} GFLOP/s")
+    return f"(one thin product, {tuple(G.shape)} @ ({n}, {width}) in fp32: " + "; ".join(rates) + ")"
 
 
 if __name__ == "__main__":
