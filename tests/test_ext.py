@@ -354,8 +354,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_setup_py_builds_the_extension_ahead_of_time(tmp_path):
-    """MLORC_BUILD_EXT=1 pip install compiles csrc/ into a library beside mlorc.py; mlorc then loads
-    it and never runs the JIT build (whose cache directory stays empty)."""
+    """MLORC_BUILD_EXT=1 pip install compiles csrc/ into a library beside mlorc.py, with OpenMP like
+    the JIT build; mlorc then loads it and never runs the JIT build (whose cache directory stays
+    empty)."""
     env = {**os.environ, "MLORC_BUILD_EXT": "1", "MAX_JOBS": "2"}
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
                     "--target", str(tmp_path / "site"), str(REPO)], env=env, check=True)
@@ -366,11 +367,13 @@ def test_setup_py_builds_the_extension_ahead_of_time(tmp_path):
               "assert mlorc.prebuilt_extension() is not None and mlorc.load_extension()\n"
               "p = torch.nn.Parameter(torch.randn(40, 30)); p.grad = torch.randn(40, 30)\n"
               "before = p.detach().clone(); mlorc.MLorc_Lion([p], rank=2, lr=0.1).step()\n"
-              "print(mlorc.__file__, (p - before).abs().max().item())\n")
+              "torch.set_num_threads(2)\n"
+              "print(mlorc.__file__, (p - before).abs().max().item(), torch.ops.mlorc.parallel_threads())\n")
     out = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, check=True,
                          capture_output=True, text=True).stdout.split()
     assert out[0] == str(tmp_path / "site" / "mlorc.py")          # the installed copy, not the repo's
     assert abs(float(out[1]) - 0.1) < 1e-6                           # Lion moved every entry by lr
+    assert int(out[2]) == (2 if mlorc.OPENMP_FLAGS else 1)
     assert not jit_cache.exists() or not any(jit_cache.iterdir())
 
 
