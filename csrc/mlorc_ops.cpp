@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <type_traits>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -197,12 +198,17 @@ namespace baseline {
 }  // namespace baseline
 
 #ifdef MLORC_CPU_LEVELS
-int cpu_level() {
-  static const int level = __builtin_cpu_supports("x86-64-v4") ? 4 : __builtin_cpu_supports("x86-64-v3") ? 3 : 0;
-  return level;
+// The row loops' instruction set: the best this CPU runs, or a lower one named by MLORC_CPU_LEVEL
+// (0, 3 or 4, read on every call: the tests run all three builds on one machine)
+int64_t cpu_level() {
+  static const int64_t supported =
+      __builtin_cpu_supports("x86-64-v4") ? 4 : __builtin_cpu_supports("x86-64-v3") ? 3 : 0;
+  const char* wanted = std::getenv("MLORC_CPU_LEVEL");
+  return wanted == nullptr ? supported : std::min<int64_t>(supported, std::atoi(wanted));
 }
 #define MLORC_ROWS(fn) (cpu_level() == 4 ? v4::fn : cpu_level() == 3 ? v3::fn : baseline::fn)
 #else
+int64_t cpu_level() { return 0; }
 #define MLORC_ROWS(fn) baseline::fn
 #endif
 
@@ -362,6 +368,7 @@ at::Tensor moment_matmul_cpu(const at::Tensor& U, const at::Tensor& s, const at:
 
 TORCH_LIBRARY(mlorc, m) {
   m.def("parallel_threads() -> int", &parallel_threads);
+  m.def("cpu_level() -> int", &cpu_level);
   m.def("negative_mean(Tensor U, Tensor s, Tensor Vh) -> Tensor");
   m.def(
       "adamw_step_(Tensor(a!) param, Tensor grad, Tensor mU, Tensor ms, Tensor mVh, Tensor vU, "

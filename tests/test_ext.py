@@ -239,6 +239,19 @@ def test_ops_cpu(ext, check):
     check(ext, "cpu")
 
 
+@pytest.mark.parametrize("level", [0, 3])
+@pytest.mark.parametrize("check", [_test_negative_mean, _test_adamw_step, _test_lion_step, _test_update_ops,
+                                   _test_moment_matmul], ids=lambda f: f.__name__[6:])
+def test_ops_cpu_on_lower_instruction_sets(ext, check, level, monkeypatch):
+    """The CPU row loops are compiled for AVX-512 (level 4), AVX2 (3) and baseline x86-64 (0), and
+    the best the CPU runs is used; MLORC_CPU_LEVEL picks a lower one, so each build is checked
+    against the same Python twins as the default one."""
+    monkeypatch.setenv("MLORC_CPU_LEVEL", str(level))
+    if ext.cpu_level() != level:
+        pytest.skip(f"no level-{level} build of the row loops for this compiler or CPU")
+    check(ext, "cpu")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("check", CHECKS, ids=lambda f: f.__name__[6:])
 def test_ops_cuda(ext, check):
@@ -294,6 +307,16 @@ def test_products_only_compression_matches_pure_pytorch(ext, cls, power_iters, d
             return params
     for a, b in zip(run("0"), run("1")):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_cpus_without_avx512_take_the_python_path(ext, monkeypatch):
+    """The CPU passes serve only where their AVX-512 build runs (mlorc.extension_serves): with the
+    row loops held to AVX2 the step is the pure path's, bitwise."""
+    monkeypatch.setenv("MLORC_CPU_LEVEL", "3")
+    assert not mlorc.extension_serves(torch.device("cpu"))
+    pure = train(mlorc.MLorc_AdamW, "0", "cpu", steps=5)
+    fused = train(mlorc.MLorc_AdamW, "1", "cpu", steps=5)
+    assert all(torch.equal(a, b) for a, b in zip(pure, fused))
 
 
 def test_bf16_parameters_take_the_python_path(ext):
