@@ -637,13 +637,13 @@ class _MLorcOptimizer(torch.optim.Optimizer):
 
     def _fused_applies(self, p, state, group):
         """Whether the extension's fused op (see `_fused`) covers this parameter's step: fp32 matrix
-        with factored moments, no option that changes the direction, extension loaded and fast on
-        the parameter's device."""
+        with factored moments, no option that changes the direction, extension loaded."""
         return (self._fused is not None and p.dtype == torch.float32 and p.is_contiguous()
+                and p.device.type in ("cpu", "cuda")
                 and all(name + "_U" in state and state[name + "_s"].numel() <= FUSED_MAX_RANK
                         for name in self.moments)
                 and not (group["use_grams"] or group["use_cautious"] or group["use_atan2"])
-                and load_extension() and extension_serves(p.device))
+                and load_extension())
 
     _fused = None    # AdamW / Lion: one pass of [M1]-[M3], [M5]-[M7] in csrc/, returning the new moments
 
@@ -1114,14 +1114,6 @@ class FusedMoments:
         return torch.stack([torch.ops.mlorc.moment_matmul(*A.old, A.g, A.beta, A.squared, A.shift, X_k,
                                                           self.transposed)
                             for A, X_k in zip(self.moments, X.unbind(0))])
-
-
-def extension_serves(device):
-    """Whether the extension's passes step parameters on `device`: on CUDA, and on CPUs that run
-    their AVX-512 build. The CPU loops are written for 16-float vectors; GCC's AVX2 and baseline
-    builds of them scalarize the vector comparisons and spill the running sums, and measured slower
-    than pure PyTorch (README), so other CPUs take the pure path."""
-    return device.type == "cuda" or (device.type == "cpu" and torch.ops.mlorc.cpu_level() == 4)
 
 
 def extension_loaded():

@@ -2,20 +2,30 @@
 // them for (in namespaces v4, v3 and baseline, under `#pragma GCC target`): every function here, the
 // inlined helpers included, is then compiled for that set. (With GCC's target_clones only the cloned
 // function is: vector code in an inlined helper was compiled for the baseline, and its comparisons
-// ran one lane at a time.) So no include guard, and no #include: the types come from mlorc_ops.cpp.
+// ran one lane at a time.) So no include guard, and no #include: the types come from mlorc_ops.cpp,
+// Vec among them: one register of the instruction set (16 floats for AVX-512, 8 for AVX2, 4 for
+// SSE), so that no build handles a vector wider than its registers (GCC's AVX2 code for 16-float
+// vectors compared them one lane at a time).
+constexpr int64_t kVecLanes = sizeof(Vec) / sizeof(float);
+
+__attribute__((always_inline)) inline Vec load_vec(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
 
 // [M1] columns [j, j + 16) of one row of (U * s) @ Vh, from the row's weights w (Factors::weights)
-__attribute__((always_inline)) inline Floats16 lowrank_chunk(const Factors& f, const float* w, int64_t j) {
-  Floats16 sum = {};
-  for (int64_t k = 0; k < f.r; ++k) sum += w[k] * load16(f.vh + k * f.stride + j);
+__attribute__((always_inline)) inline Vec lowrank_chunk(const Factors& f, const float* w, int64_t j) {
+  Vec sum = {};
+  for (int64_t k = 0; k < f.r; ++k) sum += w[k] * load_vec(f.vh + k * f.stride + j);
   return sum;
 }
 
 // [M1] row i of (U * s) @ Vh into out[0, stride), 16 columns at a time; w: r floats of scratch
 inline void rebuild_row(const Factors& f, int64_t i, float* w, float* out) {
   f.weights(i, w);
-  for (int64_t j = 0; j < f.stride; j += kLanes) {
-    const Floats16 chunk = lowrank_chunk(f, w, j);
+  for (int64_t j = 0; j < f.stride; j += kVecLanes) {
+    const Vec chunk = lowrank_chunk(f, w, j);
     std::memcpy(out + j, &chunk, sizeof chunk);
   }
 }
@@ -23,16 +33,16 @@ inline void rebuild_row(const Factors& f, int64_t i, float* w, float* out) {
 // sums of |v| and counts over the negative entries of rows [begin, end), in 16 float lanes a row
 // (the zero padding of the last chunk is not negative); w: r floats of scratch
 void negative_rows(const Factors& v, int64_t begin, int64_t end, float* w, double* sum, double* count) {
-  const Floats16 zero = {}, one = zero + 1.f;
+  const Vec zero = {}, one = zero + 1.f;
   for (int64_t i = begin; i < end; ++i) {
     v.weights(i, w);
-    Floats16 row_sum = zero, row_count = zero;
-    for (int64_t j = 0; j < v.stride; j += kLanes) {
-      const Floats16 x = lowrank_chunk(v, w, j);
+    Vec row_sum = zero, row_count = zero;
+    for (int64_t j = 0; j < v.stride; j += kVecLanes) {
+      const Vec x = lowrank_chunk(v, w, j);
       row_sum -= x < zero ? x : zero;
       row_count += x < zero ? one : zero;
     }
-    for (int l = 0; l < kLanes; ++l) {
+    for (int l = 0; l < kVecLanes; ++l) {
       *sum += row_sum[l];
       *count += row_count[l];
     }
@@ -88,33 +98,33 @@ void lion_rows(const LionArgs args, const Factors& m_old, int64_t begin, int64_t
 // the same expressions as lowrank_entry and moment_entry, so the entries equal what an update pass
 // sees
 template <bool kSquared, bool kRepair>
-__attribute__((always_inline)) inline Floats16 moment_chunk(const NewMoment& A, const float* w, const float* gi,
+__attribute__((always_inline)) inline Vec moment_chunk(const NewMoment& A, const float* w, const float* gi,
                                                             int64_t j) {
-  Floats16 old = lowrank_chunk(A.old, w, j);
-  Floats16 g = {};
-  if (j + kLanes <= A.cols)
-    g = load16(gi + j);
-  else
-    std::memcpy(&g, gi + j, (A.cols - j) * sizeof(float));      // the row's last, partial chunk
-  const Floats16 zero = {};
+  Vec old = lowrank_chunk(A.old, w, j);
+  Vec g = {};
+  if (j + kVecLanes <= A.cols)
+    g = load_vec(gi + j);
+  else if (j < A.cols)          // the row's last, partial chunk; chunks wholly in the padding have g = 0
+    std::memcpy(&g, gi + j, (A.cols - j) * sizeof(float));
+  const Vec zero = {};
   if (kRepair) old = old < zero ? zero + A.shift : old;
   return kSquared ? old * A.beta + g * g * (1.f - A.beta) : old * A.beta + g * (1.f - A.beta);
 }
 
-// The lane totals of 16 vectors: lane q of the result is the sum of v[q]'s 16 lanes. Four rounds of
-// adding pairs of vectors' halves ([a.lo | b.lo] + [a.hi | b.hi]) instead of 240 scalar adds; the
-// order of the sums is fixed.
-template <int kHalf>
-__attribute__((always_inline)) inline Floats16 add_halves(Floats16 a, Floats16 b) {
+// The lane totals of 16 vectors: totals[q] is the sum of v[q]'s lanes. With 16-lane vectors, four
+// rounds of adding pairs of vectors' halves ([a.lo | b.lo] + [a.hi | b.hi]) instead of 240 scalar
+// adds; narrower vectors have fewer lanes to add one by one. The order of the sums is fixed.
+template <int kHalf, class V>
+__attribute__((always_inline)) inline V add_halves(V a, V b) {
   // a and b each hold 8 / h groups of 2 h partial sums (one group per vector of lane_totals' input);
   // the result holds a's groups, then b's, each h wide: the first half of each group (MLORC_LO, an
   // index into the 32 lanes of a and b) plus its second half (MLORC_LO + h)
   constexpr int h = kHalf;
 #define MLORC_LO(l) (((l) / h >= 8 / h ? 16 : 0) + (l) / h % (8 / h) * 2 * h + (l) % h)
-  const Floats16 lo = __builtin_shufflevector(a, b, MLORC_LO(0), MLORC_LO(1), MLORC_LO(2), MLORC_LO(3),
+  const V lo = __builtin_shufflevector(a, b, MLORC_LO(0), MLORC_LO(1), MLORC_LO(2), MLORC_LO(3),
       MLORC_LO(4), MLORC_LO(5), MLORC_LO(6), MLORC_LO(7), MLORC_LO(8), MLORC_LO(9), MLORC_LO(10),
       MLORC_LO(11), MLORC_LO(12), MLORC_LO(13), MLORC_LO(14), MLORC_LO(15));
-  const Floats16 hi = __builtin_shufflevector(a, b, MLORC_LO(0) + h, MLORC_LO(1) + h, MLORC_LO(2) + h,
+  const V hi = __builtin_shufflevector(a, b, MLORC_LO(0) + h, MLORC_LO(1) + h, MLORC_LO(2) + h,
       MLORC_LO(3) + h, MLORC_LO(4) + h, MLORC_LO(5) + h, MLORC_LO(6) + h, MLORC_LO(7) + h,
       MLORC_LO(8) + h, MLORC_LO(9) + h, MLORC_LO(10) + h, MLORC_LO(11) + h, MLORC_LO(12) + h,
       MLORC_LO(13) + h, MLORC_LO(14) + h, MLORC_LO(15) + h);
@@ -122,12 +132,22 @@ __attribute__((always_inline)) inline Floats16 add_halves(Floats16 a, Floats16 b
   return lo + hi;
 }
 
-__attribute__((always_inline)) inline Floats16 lane_totals(const Floats16 (&v)[16]) {
-  Floats16 by8[8], by4[4], by2[2];
-  for (int k = 0; k < 8; ++k) by8[k] = add_halves<8>(v[2 * k], v[2 * k + 1]);
-  for (int k = 0; k < 4; ++k) by4[k] = add_halves<4>(by8[2 * k], by8[2 * k + 1]);
-  for (int k = 0; k < 2; ++k) by2[k] = add_halves<2>(by4[2 * k], by4[2 * k + 1]);
-  return add_halves<1>(by2[0], by2[1]);
+template <class V>
+__attribute__((always_inline)) inline void lane_totals(const V (&v)[16], float* totals) {
+  if constexpr (sizeof(V) == 16 * sizeof(float)) {
+    V by8[8], by4[4], by2[2];
+    for (int k = 0; k < 8; ++k) by8[k] = add_halves<8>(v[2 * k], v[2 * k + 1]);
+    for (int k = 0; k < 4; ++k) by4[k] = add_halves<4>(by8[2 * k], by8[2 * k + 1]);
+    for (int k = 0; k < 2; ++k) by2[k] = add_halves<2>(by4[2 * k], by4[2 * k + 1]);
+    const V total = add_halves<1>(by2[0], by2[1]);
+    std::memcpy(totals, &total, sizeof total);
+  } else {
+    for (int q = 0; q < 16; ++q) {
+      float total = 0.f;
+      for (int l = 0; l < kVecLanes; ++l) total += v[q][l];
+      totals[q] = total;
+    }
+  }
 }
 
 // rows [begin, end) of A @ X into out (rows, width), two rows at a time: each 16-column chunk of
@@ -150,19 +170,20 @@ __attribute__((always_inline)) inline void product_rows_impl(const NewMoment& A,
     const float* next0 = A.g + std::min(i + 2, end - 1) * A.cols;
     const float* next1 = A.g + std::min(i + 3, end - 1) * A.cols;
     for (int64_t q0 = 0; q0 < width; q0 += kWidthBlock) {
-      Floats16 sum[2 * kWidthBlock] = {};       // row i's 8 sums, then row i1's
-      for (int64_t j = 0; j < A.old.stride; j += kLanes) {
+      Vec sum[2 * kWidthBlock] = {};       // row i's 8 sums, then row i1's
+      for (int64_t j = 0; j < A.old.stride; j += kVecLanes) {
         __builtin_prefetch(next0 + j);
         __builtin_prefetch(next1 + j);
-        const Floats16 a0 = moment_chunk<kSquared, kRepair>(A, w0, g0, j),
+        const Vec a0 = moment_chunk<kSquared, kRepair>(A, w0, g0, j),
                        a1 = moment_chunk<kSquared, kRepair>(A, w1, g1, j);
         for (int64_t q = 0; q < kWidthBlock; ++q) {
-          const Floats16 x = load16(Xt + (q0 + q) * A.old.stride + j);
+          const Vec x = load_vec(Xt + (q0 + q) * A.old.stride + j);
           sum[q] += a0 * x;
           sum[kWidthBlock + q] += a1 * x;
         }
       }
-      const Floats16 total = lane_totals(sum);
+      float total[2 * kWidthBlock];
+      lane_totals(sum, total);
       for (int64_t q = 0; q < kWidthBlock && q0 + q < width; ++q) {
         out[i * width + q0 + q] = total[q];
         if (i1 != i) out[i1 * width + q0 + q] = total[kWidthBlock + q];
@@ -186,18 +207,18 @@ __attribute__((always_inline)) inline void accumulate_rows_impl(const NewMoment&
     const int64_t last = std::min(end, first + kRowBlock);
     for (int64_t i = first; i < last; ++i) A.old.weights(i, w + (i - first) * A.old.r);
     for (int64_t q0 = 0; q0 < width; q0 += kWidthBlock) {
-      for (int64_t j = 0; j < A.old.stride; j += kLanes) {
-        Floats16 sum[kWidthBlock] = {};        // the range's first block writes out, the others add
+      for (int64_t j = 0; j < A.old.stride; j += kVecLanes) {
+        Vec sum[kWidthBlock] = {};        // the range's first block writes out, the others add
         if (first != begin)
-          for (int64_t q = 0; q < kWidthBlock; ++q) sum[q] = load16(out + (q0 + q) * A.old.stride + j);
+          for (int64_t q = 0; q < kWidthBlock; ++q) sum[q] = load_vec(out + (q0 + q) * A.old.stride + j);
         for (int64_t i = first; i < last; ++i) {
           __builtin_prefetch(A.g + std::min(i + kRowBlock, end - 1) * A.cols + j);    // see above
-          const Floats16 a = moment_chunk<kSquared, kRepair>(A, w + (i - first) * A.old.r, A.g + i * A.cols, j);
+          const Vec a = moment_chunk<kSquared, kRepair>(A, w + (i - first) * A.old.r, A.g + i * A.cols, j);
           const float* x = X + i * x_stride + q0;
           for (int64_t q = 0; q < kWidthBlock; ++q) sum[q] += a * x[q];
         }
         for (int64_t q = 0; q < kWidthBlock; ++q)
-          std::memcpy(out + (q0 + q) * A.old.stride + j, &sum[q], sizeof(Floats16));
+          std::memcpy(out + (q0 + q) * A.old.stride + j, &sum[q], sizeof(Vec));
       }
     }
   }

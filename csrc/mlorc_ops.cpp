@@ -46,28 +46,21 @@ void check_dense(const at::Tensor& t, int64_t rows, int64_t cols, const char* wh
 
 // ---------------------------------------------------------------------------------------------------
 // The CPU kernels walk the matrix row by row. Each row of an old moment is rebuilt from its factors
-// ([M1]: r multiply-adds an entry) into a small buffer or, in moment_matmul, 16 entries at a time in
-// registers, used, and dropped: no m x n tensor, no per-block allocation or BLAS call. All of them
-// compute the same expressions, so they see the same numbers. Built by GCC for x86-64, the row loops
-// (mlorc_cpu_rows.h) are compiled three times (AVX-512, AVX2 with FMA, baseline x86-64) and the best
-// one this CPU runs is picked on first use, so one build (setup.py's ahead-of-time one included)
-// stays portable across machines; other compilers and CPUs get one build for their baseline.
+// ([M1]: r multiply-adds an entry) one vector register at a time, into a small buffer or, in
+// moment_matmul, straight into the product: no m x n tensor, no per-block allocation or BLAS call.
+// All of them compute the same expressions, so they see the same numbers. Built by GCC for x86-64,
+// the row loops (mlorc_cpu_rows.h) are compiled three times (AVX-512, AVX2 with FMA, baseline
+// x86-64), each with vectors of its register width, and the best one this CPU runs is picked on
+// first use, so one build (setup.py's ahead-of-time one included) stays portable across machines;
+// other compilers and CPUs get one build for their baseline.
 
-// 16 floats as one value, for the loops the compiler would not vectorize by itself (sums across a
-// row): GCC and clang lower it to one AVX-512 register, two AVX2 or four SSE ones.
-typedef float Floats16 __attribute__((vector_size(64)));
 #if defined(__GNUC__) && !defined(__clang__)
-// GCC warns that a 64-byte vector is passed differently without AVX-512: load16 is always inlined,
-// so no such value crosses a call
+// GCC warns that a 64-byte vector is passed differently without AVX-512: the row loops' helpers that
+// take one are always inlined, so no such value crosses a call
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
+// Rows of Vh (and of X^T) are padded to a multiple of 16 floats, the widest vector the row loops use
 constexpr int64_t kLanes = 16;
-
-__attribute__((always_inline)) inline Floats16 load16(const float* p) {
-  Floats16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
 
 inline int64_t round_up16(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
@@ -183,17 +176,20 @@ constexpr int64_t kRowBlock = 32;
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4")
 namespace v4 {
+typedef float Vec __attribute__((vector_size(64)));      // one AVX-512 register
 #include "mlorc_cpu_rows.h"
 }  // namespace v4
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
 namespace v3 {
+typedef float Vec __attribute__((vector_size(32)));      // one AVX2 register
 #include "mlorc_cpu_rows.h"
 }  // namespace v3
 #pragma GCC pop_options
 #endif
 namespace baseline {
+typedef float Vec __attribute__((vector_size(16)));      // one SSE (or NEON) register
 #include "mlorc_cpu_rows.h"
 }  // namespace baseline
 

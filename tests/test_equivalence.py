@@ -24,7 +24,7 @@ import torch
 from adopt import ADOPT
 from came_pytorch import CAME
 from dadaptation import DAdaptLion
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from lion_pytorch import Lion
 from prodigyopt import Prodigy
@@ -363,7 +363,9 @@ def test_prodigy_beta1_zero_deviation(float64, device, shapes, seed, b2, slice_p
                             + P_ULPS * (1 + d_new / d_old) * w.abs().max().item())
             torch.testing.assert_close(b - w, (d_new / d_old) * (a - w), rtol=0, atol=rounding)
         largest_ratio = max(largest_ratio, d_new / d_old)
-    assert largest_ratio > 1.5                      # d grew, so the two rules were told apart
+    # the two rules differ only where d grows: an example where it did not (one entry, say) tells
+    # them apart no more than it shows them equal, so hypothesis must find others
+    assume(largest_ratio > 1.5)
 
 
 @SETTINGS
