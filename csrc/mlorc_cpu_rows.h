@@ -21,7 +21,7 @@ __attribute__((always_inline)) inline Vec lowrank_chunk(const Factors& f, const 
   return sum;
 }
 
-// [M1] row i of (U * s) @ Vh into out[0, stride), 16 columns at a time; w: r floats of scratch
+// [M1] row i of (U * s) @ Vh into out[0, stride), one vector at a time; w: r floats of scratch
 inline void rebuild_row(const Factors& f, int64_t i, float* w, float* out) {
   f.weights(i, w);
   for (int64_t j = 0; j < f.stride; j += kVecLanes) {
@@ -150,7 +150,7 @@ __attribute__((always_inline)) inline void lane_totals(const V (&v)[16], float* 
   }
 }
 
-// rows [begin, end) of A @ X into out (rows, width), two rows at a time: each 16-column chunk of
+// rows [begin, end) of A @ X into out (rows, width), two rows at a time: each one-vector chunk of
 // the two rows is rebuilt in registers and multiplied into 2 x 8 running 16-lane sums, whose lanes
 // are added at the end (lane_totals). Xt is X^T (round_up8(width), stride), padded with zeros
 // (loop_layout): the padding makes the partial last chunk contribute nothing beyond column cols.
@@ -193,7 +193,7 @@ __attribute__((always_inline)) inline void product_rows_impl(const NewMoment& A,
 }
 
 // rows [begin, end)'s share of A^T @ X, written to out (round_up8(width), stride), its transpose
-// X^T A: for each 16-column chunk, 8 output rows stay in registers while the rows of A go by, each
+// X^T A: for each one-vector chunk, 8 output rows stay in registers while the rows of A go by, each
 // chunk of A rebuilt in registers and added in times X[i, q]. Rows go in blocks of 32, so a block
 // of g (and of U) stays in cache across its chunks; each row fetches its chunk in the next block
 // ahead (the hardware prefetcher does not follow 32 rows at once). X is (rows, round_up8(width)),

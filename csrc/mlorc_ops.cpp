@@ -115,7 +115,7 @@ at::Tensor padded_copy(const at::Tensor& M, int64_t rows, int64_t cols) {
 }
 
 // One factored moment, (U * s) @ Vh, as raw pointers. Vh is read from a copy padded with zero
-// columns to `stride` (a multiple of 16, see padded), so every 16-column chunk of it is one whole
+// columns to `stride` (a multiple of 16, see padded), so every one-vector chunk of it is one whole
 // load and no loop over a row needs a partial last chunk.
 struct Factors {
   const float *U, *s, *vh;      // vh: Vh padded, (r, stride)
@@ -134,7 +134,7 @@ struct Factors {
 at::Tensor padded(const at::Tensor& Vh) { return padded_copy(Vh, Vh.size(0), round_up16(Vh.size(1))); }
 
 // The new moment A = beta * old + (1 - beta) * g (g * g when squared, old entries below 0 replaced by
-// shift when repair), 16 columns of one row at a time, held in registers: no row buffer is written
+// shift when repair), one vector of one row at a time, held in registers: no row buffer is written
 // and read back. g is not padded: its last chunk in a row is loaded partly.
 struct NewMoment {
   Factors old;
