@@ -14,7 +14,8 @@ __attribute__((always_inline)) inline Vec load_vec(const float* p) {
   return v;
 }
 
-// [M1] columns [j, j + 16) of one row of (U * s) @ Vh, from the row's weights w (Factors::weights)
+// [M1] columns [j, j + kVecLanes) of one row of (U * s) @ Vh, from the row's weights w
+// (Factors::weights)
 __attribute__((always_inline)) inline Vec lowrank_chunk(const Factors& f, const float* w, int64_t j) {
   Vec sum = {};
   for (int64_t k = 0; k < f.r; ++k) sum += w[k] * load_vec(f.vh + k * f.stride + j);
@@ -30,7 +31,7 @@ inline void rebuild_row(const Factors& f, int64_t i, float* w, float* out) {
   }
 }
 
-// sums of |v| and counts over the negative entries of rows [begin, end), in 16 float lanes a row
+// sums of |v| and counts over the negative entries of rows [begin, end), in kVecLanes lanes a row
 // (the zero padding of the last chunk is not negative); w: r floats of scratch
 void negative_rows(const Factors& v, int64_t begin, int64_t end, float* w, double* sum, double* count) {
   const Vec zero = {}, one = zero + 1.f;
@@ -94,9 +95,9 @@ void lion_rows(const LionArgs args, const Factors& m_old, int64_t begin, int64_t
 // ---------------------------------------------------------------------------------------------------
 // moment_matmul's loops
 
-// columns [j, j + 16) of row i of the new moment A: [M1] from the weights w, [M2] if repair, [M3];
-// the same expressions as lowrank_entry and moment_entry, so the entries equal what an update pass
-// sees
+// columns [j, j + kVecLanes) of row i of the new moment A: [M1] from the weights w, [M2] if repair,
+// [M3]; the same expressions as lowrank_entry and moment_entry, so the entries equal what an update
+// pass sees
 template <bool kSquared, bool kRepair>
 __attribute__((always_inline)) inline Vec moment_chunk(const NewMoment& A, const float* w, const float* gi,
                                                             int64_t j) {
@@ -151,7 +152,7 @@ __attribute__((always_inline)) inline void lane_totals(const V (&v)[16], float* 
 }
 
 // rows [begin, end) of A @ X into out (rows, width), two rows at a time: each one-vector chunk of
-// the two rows is rebuilt in registers and multiplied into 2 x 8 running 16-lane sums, whose lanes
+// the two rows is rebuilt in registers and multiplied into 2 x 8 running one-vector sums, whose lanes
 // are added at the end (lane_totals). Xt is X^T (round_up8(width), stride), padded with zeros
 // (loop_layout): the padding makes the partial last chunk contribute nothing beyond column cols.
 // A lone last row is computed as a pair with itself.
@@ -224,23 +225,28 @@ __attribute__((always_inline)) inline void accumulate_rows_impl(const NewMoment&
   }
 }
 
-// One loop per kind of moment, each vectorizable without branches inside
+// One loop per kind of moment, each vectorizable without branches inside: calls
+// loop(kSquared, kRepair) with the moment's kind as compile-time constants
+template <class Loop>
+__attribute__((always_inline)) inline void for_kind(const NewMoment& A, const Loop& loop) {
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (A.squared)
+    A.repair ? loop(yes{}, yes{}) : loop(yes{}, no{});
+  else
+    A.repair ? loop(no{}, yes{}) : loop(no{}, no{});
+}
+
 void product_rows(const NewMoment& A, const float* Xt, int64_t width, int64_t begin, int64_t end,
                   float* out, float* w) {
-  if (A.squared)
-    A.repair ? product_rows_impl<true, true>(A, Xt, width, begin, end, out, w)
-             : product_rows_impl<true, false>(A, Xt, width, begin, end, out, w);
-  else
-    A.repair ? product_rows_impl<false, true>(A, Xt, width, begin, end, out, w)
-             : product_rows_impl<false, false>(A, Xt, width, begin, end, out, w);
+  for_kind(A, [&](auto squared, auto repair) {
+    product_rows_impl<squared.value, repair.value>(A, Xt, width, begin, end, out, w);
+  });
 }
 
 void accumulate_rows(const NewMoment& A, const float* X, int64_t width, int64_t begin, int64_t end,
                      float* out, float* w) {
-  if (A.squared)
-    A.repair ? accumulate_rows_impl<true, true>(A, X, width, begin, end, out, w)
-             : accumulate_rows_impl<true, false>(A, X, width, begin, end, out, w);
-  else
-    A.repair ? accumulate_rows_impl<false, true>(A, X, width, begin, end, out, w)
-             : accumulate_rows_impl<false, false>(A, X, width, begin, end, out, w);
+  for_kind(A, [&](auto squared, auto repair) {
+    accumulate_rows_impl<squared.value, repair.value>(A, X, width, begin, end, out, w);
+  });
 }
