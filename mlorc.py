@@ -1098,7 +1098,8 @@ class FusedMoments:
     rsvd only needs products with them, so it takes the stack as it takes a stack of dense moments
     (batched QR and SVD) while each product is formed without the moment itself: mlorc::moment_matmul
     rebuilds it a vector register at a time from its old factors and g ([M1]-[M3]) and multiplies
-    as it goes. So the step holds no dense m x n moment at all (on CUDA, moment_matmul holds chunks of 16 MiB)."""
+    as it goes. So the step holds no dense m x n moment at all (on CUDA, moment_matmul holds
+    chunks of 16 MiB)."""
 
     def __init__(self, moments, transposed=False):
         self.moments, self.transposed = moments, transposed

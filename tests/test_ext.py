@@ -169,18 +169,24 @@ def test_fused_moments_multiply_like_the_dense_stack(ext, device):
         assert ((ours @ X - theirs @ X).abs() <= 1e-5 * (theirs.abs() @ X.abs())).all()
 
 
+def at_thread_counts(*counts):
+    """Each count in turn, with torch's thread count set to it; the caller's is restored after."""
+    threads = torch.get_num_threads()
+    try:
+        for n in counts:
+            torch.set_num_threads(n)
+            yield n
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_row_loops_run_on_every_thread(ext):
     """The CPU passes split a large matrix's rows over torch's threads: the extension is built with
     OpenMP (without it, at::parallel_for runs them all on the calling thread)."""
     if not mlorc.OPENMP_FLAGS:
         pytest.skip("the extension is built without OpenMP here (torch without it, or not Linux)")
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            assert ext.parallel_threads() == n
-    finally:
-        torch.set_num_threads(threads)
+    for n in at_thread_counts(1, 2, 3):
+        assert ext.parallel_threads() == n
 
 
 def test_moment_matmul_does_not_depend_on_the_thread_count(ext):
@@ -191,16 +197,10 @@ def test_moment_matmul_does_not_depend_on_the_thread_count(ext):
            torch.randn(4, 64, generator=gen))
     g = torch.randn(5000, 64, generator=gen)
     X = {False: torch.randn(64, 6, generator=gen), True: torch.randn(5000, 6, generator=gen)}
-    threads = torch.get_num_threads()
-    try:
-        for squared, transposed in itertools.product([False, True], [False, True]):
-            products = []
-            for n in (1, 2, 3):
-                torch.set_num_threads(n)
-                products.append(ext.moment_matmul(*old, g, 0.9, squared, None, X[transposed], transposed))
-            assert all(torch.equal(products[0], other) for other in products[1:])
-    finally:
-        torch.set_num_threads(threads)
+    for squared, transposed in itertools.product([False, True], [False, True]):
+        products = [ext.moment_matmul(*old, g, 0.9, squared, None, X[transposed], transposed)
+                    for _ in at_thread_counts(1, 2, 3)]
+        assert all(torch.equal(products[0], other) for other in products[1:])
 
 
 def _test_opcheck(ops, device):
