@@ -202,7 +202,14 @@ int64_t cpu_level() {
   const char* wanted = std::getenv("MLORC_CPU_LEVEL");
   return wanted == nullptr ? supported : std::min<int64_t>(supported, std::atoi(wanted));
 }
-#define MLORC_ROWS(fn) (cpu_level() == 4 ? v4::fn : cpu_level() == 3 ? v3::fn : baseline::fn)
+// The build of a row loop for cpu_level(). Each operator picks its loop once, before the blocks of
+// rows go to the threads, so the environment is read once a call, not once a block.
+template <class Fn>
+Fn for_level(Fn v4_fn, Fn v3_fn, Fn baseline_fn) {
+  const int64_t level = cpu_level();
+  return level == 4 ? v4_fn : level == 3 ? v3_fn : baseline_fn;
+}
+#define MLORC_ROWS(fn) for_level(v4::fn, v3::fn, baseline::fn)
 #else
 int64_t cpu_level() { return 0; }
 #define MLORC_ROWS(fn) baseline::fn
@@ -219,8 +226,9 @@ at::Tensor negative_mean_cpu(const at::Tensor& U, const at::Tensor& s, const at:
   const Factors v(U, s, vh);
   // per-block partial sums, reduced in block order: independent of the thread count
   std::vector<double> block_sum(count_blocks(rows, cols), 0.0), block_count(block_sum.size(), 0.0);
+  const auto negative = MLORC_ROWS(negative_rows);
   for_row_blocks(rows, cols, v.r, [&](int64_t k, int64_t begin, int64_t end, float* w) {
-    MLORC_ROWS(negative_rows)(v, begin, end, w, &block_sum[k], &block_count[k]);
+    negative(v, begin, end, w, &block_sum[k], &block_count[k]);
   });
   double sum = 0.0, count = 0.0;
   for (size_t k = 0; k < block_sum.size(); ++k) {
@@ -259,10 +267,11 @@ void adamw_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU, 
   float* p = param.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
   const int64_t stride = mvh.size(1);
+  const auto adamw = MLORC_ROWS(adamw_rows);
   for_row_blocks(rows, cols, 2 * stride + m_old.r + v_old.r, [&](int64_t, int64_t begin, int64_t end,
                                                                  float* scratch) {
-    MLORC_ROWS(adamw_rows)(args, m_old, v_old, begin, end, cols, p, g, m_out, v_out, scratch,
-                           scratch + stride, scratch + 2 * stride);
+    adamw(args, m_old, v_old, begin, end, cols, p, g, m_out, v_out, scratch, scratch + stride,
+          scratch + 2 * stride);
   });
 }
 
@@ -288,8 +297,9 @@ void lion_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U, co
   const Factors m_old(U, s, vh);
   float* p = param.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
+  const auto lion = MLORC_ROWS(lion_rows);
   for_row_blocks(rows, cols, vh.size(1) + m_old.r, [&](int64_t, int64_t begin, int64_t end, float* row) {
-    MLORC_ROWS(lion_rows)(args, m_old, begin, end, cols, p, g, m_out, row, row + vh.size(1));
+    lion(args, m_old, begin, end, cols, p, g, m_out, row, row + vh.size(1));
   });
 }
 
@@ -328,8 +338,9 @@ at::Tensor moment_matmul_cpu(const at::Tensor& U, const at::Tensor& s, const at:
     const float* xt = Xt.data_ptr<float>();
     at::Tensor out = at::empty({rows, width}, X.options());
     float* o = out.data_ptr<float>();
+    const auto product = MLORC_ROWS(product_rows);
     for_row_blocks(rows, cols, 2 * r, [&](int64_t, int64_t begin, int64_t end, float* w) {
-      MLORC_ROWS(product_rows)(A, xt, width, begin, end, o, w);
+      product(A, xt, width, begin, end, o, w);
     });
     return out;
   }
@@ -341,12 +352,12 @@ at::Tensor moment_matmul_cpu(const at::Tensor& U, const at::Tensor& s, const at:
   const float* x = Xp.data_ptr<float>();
   // each range holds at least one block (parts <= blocks), whose rows write its partial first
   std::vector<float> partial(parts * padded_width * stride);
+  const auto accumulate = MLORC_ROWS(accumulate_rows);
   parallel_for_matrix(parts, blocks, [&](int64_t first, int64_t last) {
     std::vector<float> w(kRowBlock * r);
     for (int64_t q = first; q < last; ++q) {
       const int64_t begin = q * blocks / parts * b, end = std::min(rows, (q + 1) * blocks / parts * b);
-      MLORC_ROWS(accumulate_rows)(A, x, width, begin, end, partial.data() + q * padded_width * stride,
-                                  w.data());
+      accumulate(A, x, width, begin, end, partial.data() + q * padded_width * stride, w.data());
     }
   });
   // the partials' sum, transposed: added in range order, whichever thread ran which range
