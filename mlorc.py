@@ -76,7 +76,8 @@ import torch
 
 __all__ = [
     "MLorc_AdamW", "MLorc_Lion", "MLorc_Prodigy", "MLorc_DAdapt_Lion", "MLorc_Adopt", "MLorc_CAME",
-    "attach_fused_backward", "extension_loaded", "finetune_param_groups", "rsvd", "state_bytes",
+    "attach_fused_backward", "extension_loaded", "extension_ready", "finetune_param_groups", "rsvd",
+    "state_bytes",
 ]
 
 ATAN2_SCALE = 4 / math.pi  # Adam-atan2's a: makes the update's scale match Adam's for |m| ~ sqrt(v)
@@ -505,6 +506,10 @@ class _MLorcOptimizer(torch.optim.Optimizer):
         name = type(self).__name__
         for group in groups:
             self._validate_group(group)
+        if self._fused is not None:      # the extension's first use on a device is checked here,
+            for device in {p.device for _, p in params
+                           if p.dtype == torch.float32 and p.ndim >= 2 and not _is_dtensor(p)}:
+                extension_ready(device)   # before anything changes (with MLORC_EXTENSION=1 it may raise)
         by_device = {}
         for index, p in params:
             if p.grad.is_sparse:
@@ -643,7 +648,7 @@ class _MLorcOptimizer(torch.optim.Optimizer):
                 and all(name + "_U" in state and state[name + "_s"].numel() <= FUSED_MAX_RANK
                         for name in self.moments)
                 and not (group["use_grams"] or group["use_cautious"] or group["use_atan2"])
-                and load_extension())
+                and extension_ready(p.device))
 
     _fused = None    # AdamW / Lion: one pass of [M1]-[M3], [M5]-[M7] in csrc/, returning the new moments
 
@@ -1029,7 +1034,7 @@ class MLorc_DAdapt_Lion(_AdaptiveStepSize):
 # ----------------------------------------------------------------------------------------------------
 # Fast path: the optional C++/CUDA extension in csrc/
 
-_extension = {}      # "loaded": bool, once load_extension() has decided
+_extension = {}      # "loaded": bool, once load_extension() has decided; "ready": {device type: bool}
 CXX_FLAGS = ["-O3", "-fno-math-errno"]    # no errno from sqrtf: lets the per-entry loops vectorize
 # at::parallel_for is compiled into the extension: without OpenMP there it runs on one thread. On
 # Linux torch's CPU backend is libgomp, which the extension then shares (the same libgomp.so.1).
@@ -1086,6 +1091,66 @@ def load_extension():
             warnings.warn(f"mlorc: the C++ extension is unavailable, using pure PyTorch ({error})")
             _extension["loaded"] = False
     return _extension["loaded"]
+
+
+def extension_ready(device):
+    """Whether fused steps of parameters on `device` use the extension: it is loaded, and its first use
+    on that kind of device (CPU, CUDA) reproduced pure PyTorch (`extension_problem`). Otherwise, say
+    a GPU build that computes wrongly or a library built for another GPU, the device gets the pure
+    path and one warning (an error where MLORC_EXTENSION=1) instead of wrong or failing steps."""
+    if not load_extension():
+        return False
+    verdicts = _extension.setdefault("ready", {})
+    if device.type not in verdicts:
+        problem = extension_problem(device)
+        verdicts[device.type] = problem is None
+        if problem is not None:
+            message = f"the extension's fused step on {device.type} does not reproduce pure PyTorch: {problem}"
+            if os.environ.get("MLORC_EXTENSION", "") == "1":
+                raise RuntimeError(f"MLORC_EXTENSION=1 but {message}")
+            warnings.warn(f"mlorc: {message}; using pure PyTorch on {device.type}")
+    return verdicts[device.type]
+
+
+def extension_problem(device):
+    """None if a few fused steps of MLorc_AdamW and MLorc_Lion on `device`, over a matrix that [M4]
+    sketches (products only) and one it decomposes exactly (dense moments), agree with the pure path
+    to 1e-5 (a few fp32 roundings in another order, see tests/test_ext.py); else what differed or
+    failed. Its own data and generators: nothing outside it changes."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(40, 24), (3, 24)]
+    start = [torch.randn(shape, generator=gen) for shape in shapes]
+    grads = [[torch.randn(shape, generator=gen) for shape in shapes] for _ in range(3)]
+    grads = [[g.sign() * (g.abs() + 0.1) for g in step] for step in grads]   # no sign near a tie
+    verdicts = _extension.setdefault("ready", {})
+    before, precision = verdicts.get(device.type), torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # TF32 (or bf16) matmuls in the pure path would
+    try:                                            # differ by more than 1e-5
+        for cls in (MLorc_AdamW, MLorc_Lion):
+            results = []
+            for fused in (True, False):
+                verdicts[device.type] = fused          # what extension_ready answers the steps below
+                params = [torch.nn.Parameter(p.to(device, copy=True)) for p in start]
+                optimizer = cls(params, lr=1e-2, rank=2, oversampling=2, power_iters=1)
+                try:
+                    for step in grads:
+                        for p, g in zip(params, step):
+                            p.grad = g.to(device)
+                        optimizer.step()
+                except Exception as error:            # a kernel that cannot launch here, say
+                    return f"{cls.__name__} raised {type(error).__name__}: {error}"
+                results.append([p.detach().to("cpu", copy=True) for p in params])
+            for fused, pure in zip(*results):
+                if not torch.allclose(fused, pure, rtol=1e-5, atol=1e-5):
+                    difference = (fused - pure).abs().max().item()
+                    return f"{cls.__name__}'s parameters differ by up to {difference:.3g}"
+        return None
+    finally:                                    # the verdict and precision as they were
+        torch.set_float32_matmul_precision(precision)
+        if before is None:
+            del verdicts[device.type]
+        else:
+            verdicts[device.type] = before
 
 
 NewMoment = collections.namedtuple("NewMoment", "g old beta squared shift", defaults=(False, None))

@@ -351,6 +351,81 @@ def test_required_extension_raises_on_build_failure(monkeypatch):
         mlorc.load_extension()
 
 
+class OpsWith:
+    """torch.ops.mlorc with some operators replaced (mlorc.py looks them up on every call)."""
+
+    def __init__(self, ops, **replaced):
+        self.ops, self.replaced = ops, replaced
+
+    def __getattr__(self, name):
+        return self.replaced.get(name) or getattr(self.ops, name)
+
+
+def wrong_update(ext):
+    """adamw_update_ that moves the parameter 1e-3 too far: a kernel that builds and runs, wrongly."""
+    def update(P, *args):
+        ext.adamw_update_(P, *args)
+        P.add_(1e-3)
+    return update
+
+
+def cannot_launch(*args):
+    raise RuntimeError("no kernel image is available for execution on the device")
+
+
+@pytest.mark.parametrize("broken", ["wrong", "raises"])
+def test_a_fused_step_that_differs_from_pure_falls_back_with_one_warning(ext, monkeypatch, broken):
+    """The first fused step on a device checks the extension against the pure path there
+    (mlorc.extension_problem); when it differs or fails, the device gets the pure path, bitwise."""
+    pure = train(mlorc.MLorc_AdamW, "0", "cpu", steps=3)
+    replaced = wrong_update(ext) if broken == "wrong" else cannot_launch
+    monkeypatch.setattr(torch.ops, "mlorc", OpsWith(ext, adamw_update_=replaced))
+    monkeypatch.setattr(mlorc, "_extension", {"loaded": True})
+    with pytest.warns(UserWarning, match="fused step on cpu does not reproduce pure PyTorch: MLorc_AdamW"):
+        fallen_back = train(mlorc.MLorc_AdamW, "", "cpu", steps=3)
+    assert all(torch.equal(a, b) for a, b in zip(pure, fallen_back))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                     # decided once per device type
+        assert mlorc.extension_ready(torch.device("cpu")) is False
+
+
+def test_the_check_passes_a_correct_extension_and_uses_it(ext, monkeypatch):
+    """Not a check that cannot fail: with the operators as built, it finds no problem and the
+    optimizer then takes the fused step (its operators are called)."""
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return ext.adamw_update_(*args)
+
+    monkeypatch.setattr(mlorc, "_extension", {"loaded": True})
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")       # the check holds fp32 matmuls to "highest"
+    try:
+        assert mlorc.extension_problem(torch.device("cpu")) is None
+        assert torch.get_float32_matmul_precision() == "medium"      # and restores the user's
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    monkeypatch.setattr(torch.ops, "mlorc", OpsWith(ext, adamw_update_=counted))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(mlorc.MLorc_AdamW, "1", "cpu", steps=2)
+    assert mlorc.extension_ready(torch.device("cpu")) is True and calls
+
+
+def test_a_required_extension_that_differs_from_pure_raises_before_any_change(ext, monkeypatch):
+    monkeypatch.setattr(torch.ops, "mlorc", OpsWith(ext, adamw_update_=wrong_update(ext)))
+    monkeypatch.setattr(mlorc, "_extension", {"loaded": True})
+    monkeypatch.setenv("MLORC_EXTENSION", "1")
+    p, v = torch.ones(30, 20, requires_grad=True), torch.ones(5, requires_grad=True)
+    p.grad, v.grad = torch.full((30, 20), 0.5), torch.full((5,), 0.5)
+    opt = mlorc.MLorc_AdamW([v, p], rank=2)                # the vector would be stepped first
+    with pytest.raises(RuntimeError, match="MLORC_EXTENSION=1 but the extension's fused step on cpu "
+                                           "does not reproduce pure PyTorch: MLorc_AdamW's parameters differ"):
+        opt.step()
+    assert torch.equal(p, torch.ones(30, 20)) and torch.equal(v, torch.ones(5)) and not opt.state
+
+
 def test_disabled_extension_is_never_built(monkeypatch):
     from torch.utils import cpp_extension
 
