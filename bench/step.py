@@ -142,20 +142,25 @@ def main():
 def thin_product_rate(params, width, cuda):
     """What one of [M4]'s products runs at here: the largest matrix times a width-wide matrix, the
     kind of product that sets the floor of an MLorc step (see the README), through BLAS and, when
-    the extension is loaded, through moment_matmul (a second moment rebuilt from rank-4 factors)."""
+    the extension is loaded, through moment_matmul (a second moment rebuilt from rank-4 factors:
+    its rate counts the rebuild's 4 multiply-adds an entry too); beside them, a large square matmul:
+    the rate this machine's BLAS attains at all."""
     G = max(params, key=lambda p: p.numel()).grad.float()
     m, n = G.shape
-    X = torch.randn(n, width, generator=torch.Generator().manual_seed(1)).to(G.device)
-    products = {"BLAS, g @ X": lambda: G @ X}
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(n, width, generator=gen).to(G.device)
+    S = torch.randn(2048, 2048, generator=gen).to(G.device)
+    products = {"BLAS, g @ X": (lambda: G @ X, 2 * G.numel() * width)}
     if mlorc.extension_loaded():
-        gen = torch.Generator().manual_seed(0)
-        U, s, Vh = (t.to(G.device) for t in (torch.randn(m, 4, generator=gen), torch.rand(4, generator=gen),
-                                             torch.randn(4, n, generator=gen)))
+        rank = 4
+        U, s, Vh = (t.to(G.device) for t in (torch.randn(m, rank, generator=gen), torch.rand(rank, generator=gen),
+                                             torch.randn(rank, n, generator=gen)))
         shift = torch.ops.mlorc.negative_mean(U, s, Vh)
-        products["moment_matmul, A @ X"] = lambda: torch.ops.mlorc.moment_matmul(
-            U, s, Vh, G, 0.999, True, shift, X, False)
+        products["moment_matmul, A @ X"] = (lambda: torch.ops.mlorc.moment_matmul(
+            U, s, Vh, G, 0.999, True, shift, X, False), 2 * G.numel() * (width + rank))
+    products["BLAS, square 2048 matmul"] = (lambda: S @ S, 2 * 2048 ** 3)
     rates = []
-    for name, product in products.items():
+    for name, (product, flops) in products.items():
         for _ in range(2):
             product()
         if cuda:
@@ -166,7 +171,7 @@ def thin_product_rate(params, width, cuda):
         if cuda:
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / runs
-        rates.append(f"{name} {seconds * 1e3:.2f} ms, {2 * G.numel() * width / seconds / 1e9:.0f} GFLOP/s")
+        rates.append(f"{name} {seconds * 1e3:.2f} ms, {flops / seconds / 1e9:.0f} GFLOP/s")
     return f"(one thin product, {tuple(G.shape)} @ ({n}, {width}) in fp32: " + "; ".join(rates) + ")"
 
 
