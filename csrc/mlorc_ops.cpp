@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "mlorc_kernels.h"
@@ -104,13 +105,21 @@ int64_t parallel_threads() {
 }
 
 // The matrix M (any strides) in the top left corner of a contiguous (rows, cols) one, zeros around
-// it, in one pass (the matrices padded here are thin: factors and (r + p)-wide sketches).
+// it. The matrices padded here are thin (factors and (r + p)-wide sketches) and often transposed
+// views: M is read in the order of its memory (by columns when they are contiguous), the copy
+// written where it falls.
 at::Tensor padded_copy(const at::Tensor& M, int64_t rows, int64_t cols) {
-  at::Tensor out = at::empty({rows, cols}, M.options());
-  const auto m = M.accessor<float, 2>();
+  at::Tensor out = at::zeros({rows, cols}, M.options());
+  const float* m = M.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) o[i * cols + j] = i < M.size(0) && j < M.size(1) ? m[i][j] : 0.f;
+  const int64_t m_rows = M.size(0), m_cols = M.size(1), row_step = M.stride(0), col_step = M.stride(1);
+  if (row_step == 1 && m_cols > 1) {
+    for (int64_t j = 0; j < m_cols; ++j)
+      for (int64_t i = 0; i < m_rows; ++i) o[i * cols + j] = m[j * col_step + i];
+  } else {
+    for (int64_t i = 0; i < m_rows; ++i)
+      for (int64_t j = 0; j < m_cols; ++j) o[i * cols + j] = m[i * row_step + j * col_step];
+  }
   return out;
 }
 
@@ -350,26 +359,29 @@ at::Tensor moment_matmul_cpu(const at::Tensor& U, const at::Tensor& s, const at:
   if (parts == 0) return at::zeros({cols, width}, X.options());         // no rows: A^T X is 0
   const at::Tensor Xp = padded_columns(X);
   const float* x = Xp.data_ptr<float>();
-  // each range holds at least one block (parts <= blocks), whose rows write its partial first
-  std::vector<float> partial(parts * padded_width * stride);
+  // each range holds at least one block (parts <= blocks), whose rows write its partial first (so
+  // it needs no zeros)
+  const std::unique_ptr<float[]> partial(new float[parts * padded_width * stride]);
   const auto accumulate = MLORC_ROWS(accumulate_rows);
   parallel_for_matrix(parts, blocks, [&](int64_t first, int64_t last) {
     std::vector<float> w(kRowBlock * r);
     for (int64_t q = first; q < last; ++q) {
       const int64_t begin = q * blocks / parts * b, end = std::min(rows, (q + 1) * blocks / parts * b);
-      accumulate(A, x, width, begin, end, partial.data() + q * padded_width * stride, w.data());
+      accumulate(A, x, width, begin, end, partial.get() + q * padded_width * stride, w.data());
     }
   });
-  // the partials' sum, transposed: added in range order, whichever thread ran which range
+  // the partials' sum, added in range order whichever thread ran which range (into the first one,
+  // along its rows: contiguous adds), then transposed
+  const int64_t size = padded_width * stride;
+  float* total = partial.get();
+  for (int64_t q = 1; q < parts; ++q) {
+    const float* part = partial.get() + q * size;
+    for (int64_t e = 0; e < size; ++e) total[e] += part[e];
+  }
   at::Tensor out = at::empty({cols, width}, X.options());
   float* o = out.data_ptr<float>();
-  for (int64_t j = 0; j < cols; ++j) {
-    for (int64_t c = 0; c < width; ++c) {
-      float total = partial[c * stride + j];
-      for (int64_t q = 1; q < parts; ++q) total += partial[(q * padded_width + c) * stride + j];
-      o[j * width + c] = total;
-    }
-  }
+  for (int64_t j = 0; j < cols; ++j)
+    for (int64_t c = 0; c < width; ++c) o[j * width + c] = total[c * stride + j];
   return out;
 }
 
