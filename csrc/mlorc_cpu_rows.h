@@ -34,7 +34,9 @@ inline void rebuild_row(const Factors& f, int64_t i, float* w, float* out) {
 // sums of |v| and counts over the negative entries of rows [begin, end), in kVecLanes lanes a row
 // (the zero padding of the last chunk is not negative); w: r floats of scratch
 void negative_rows(const Factors& v, int64_t begin, int64_t end, float* w, double* sum, double* count) {
+  typedef double Doubles __attribute__((vector_size(2 * sizeof(Vec))));   // kVecLanes doubles
   const Vec zero = {}, one = zero + 1.f;
+  Doubles total = {}, negatives = {};      // each lane's sums over the rows, in double
   for (int64_t i = begin; i < end; ++i) {
     v.weights(i, w);
     Vec row_sum = zero, row_count = zero;
@@ -43,10 +45,12 @@ void negative_rows(const Factors& v, int64_t begin, int64_t end, float* w, doubl
       row_sum -= x < zero ? x : zero;
       row_count += x < zero ? one : zero;
     }
-    for (int l = 0; l < kVecLanes; ++l) {
-      *sum += row_sum[l];
-      *count += row_count[l];
-    }
+    total += __builtin_convertvector(row_sum, Doubles);
+    negatives += __builtin_convertvector(row_count, Doubles);
+  }
+  for (int l = 0; l < kVecLanes; ++l) {
+    *sum += total[l];
+    *count += negatives[l];
   }
 }
 
