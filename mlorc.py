@@ -644,7 +644,6 @@ class _MLorcOptimizer(torch.optim.Optimizer):
         """Whether the extension's fused op (see `_fused`) covers this parameter's step: fp32 matrix
         with factored moments, no option that changes the direction, extension loaded."""
         return (self._fused is not None and p.dtype == torch.float32 and p.is_contiguous()
-                and p.device.type in ("cpu", "cuda")
                 and all(name + "_U" in state and state[name + "_s"].numel() <= FUSED_MAX_RANK
                         for name in self.moments)
                 and not (group["use_grams"] or group["use_cautious"] or group["use_atan2"])
@@ -1098,7 +1097,7 @@ def extension_ready(device):
     on that kind of device (CPU, CUDA) reproduced pure PyTorch (`extension_problem`). Otherwise, say
     a GPU build that computes wrongly or a library built for another GPU, the device gets the pure
     path and one warning (an error where MLORC_EXTENSION=1) instead of wrong or failing steps."""
-    if not load_extension():
+    if device.type not in ("cpu", "cuda") or not load_extension():     # its kernels' devices
         return False
     verdicts = _extension.setdefault("ready", {})
     if device.type not in verdicts:

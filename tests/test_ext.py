@@ -411,6 +411,8 @@ def test_the_check_passes_a_correct_extension_and_uses_it(ext, monkeypatch):
         warnings.simplefilter("error")
         train(mlorc.MLorc_AdamW, "1", "cpu", steps=2)
     assert mlorc.extension_ready(torch.device("cpu")) is True and calls
+    assert mlorc.extension_ready(torch.device("meta")) is False       # no kernels there: no check
+    assert set(mlorc._extension["ready"]) == {"cpu"}
 
 
 def test_a_required_extension_that_differs_from_pure_raises_before_any_change(ext, monkeypatch):
