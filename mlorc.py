@@ -642,7 +642,7 @@ class _MLorcOptimizer(torch.optim.Optimizer):
 
     def _fused_applies(self, p, state, group):
         """Whether the extension's fused op (see `_fused`) covers this parameter's step: fp32 matrix
-        with factored moments, no option that changes the direction, extension loaded."""
+        with factored moments, no option that changes the direction, extension ready on its device."""
         return (self._fused is not None and p.dtype == torch.float32 and p.is_contiguous()
                 and all(name + "_U" in state and state[name + "_s"].numel() <= FUSED_MAX_RANK
                         for name in self.moments)
@@ -1104,7 +1104,8 @@ def extension_ready(device):
         problem = extension_problem(device)
         verdicts[device.type] = problem is None
         if problem is not None:
-            message = f"the extension's fused step on {device.type} does not reproduce pure PyTorch: {problem}"
+            message = f"the extension's fused step on {device.type} does not reproduce pure PyTorch"
+            message += f": {problem}"
             if os.environ.get("MLORC_EXTENSION", "") == "1":
                 raise RuntimeError(f"MLORC_EXTENSION=1 but {message}")
             warnings.warn(f"mlorc: {message}; using pure PyTorch on {device.type}")
@@ -1139,9 +1140,9 @@ def extension_problem(device):
                 except Exception as error:            # a kernel that cannot launch here, say
                     return f"{cls.__name__} raised {type(error).__name__}: {error}"
                 results.append([p.detach().to("cpu", copy=True) for p in params])
-            for fused, pure in zip(*results):
-                if not torch.allclose(fused, pure, rtol=1e-5, atol=1e-5):
-                    difference = (fused - pure).abs().max().item()
+            for extended, pure in zip(*results):
+                if not torch.allclose(extended, pure, rtol=1e-5, atol=1e-5):
+                    difference = (extended - pure).abs().max().item()
                     return f"{cls.__name__}'s parameters differ by up to {difference:.3g}"
         return None
     finally:                                    # the verdict and precision as they were
