@@ -83,6 +83,9 @@ __all__ = [
 ATAN2_SCALE = 4 / math.pi  # Adam-atan2's a: makes the update's scale match Adam's for |m| ~ sqrt(v)
 FUSED_MAX_RANK = 32        # the extension rebuilds each entry with an r-term loop: past a few dozen
                            # terms the matmul of the pure path is faster
+CPU_PRODUCTS_MAX_WIDTH = 16  # the CPU's moment_matmul rebuilds the moment for every 8 columns of X:
+                           # for wider sketches, writing the new moments once and multiplying them
+                           # with BLAS is faster (bench/step.py --rank 16: 212 vs 315 ms a step)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -656,10 +659,12 @@ class _MLorcOptimizer(torch.optim.Optimizer):
         return [factors(state, name) for name in self.moments]
 
     @staticmethod
-    def _sketched(p, group):
-        """Whether [M4] will sketch this matrix (not take its exact SVD), so the fused step can hand
-        it NewMoments that it reaches through products (see FusedMoments)."""
-        return group["rank"] + group["oversampling"] < min(matrix_shape(p))
+    def _through_products(p, group):
+        """Whether the fused step hands [M4] NewMoments, which it reaches through products (see
+        FusedMoments), instead of writing the new moments out: where [M4] sketches the matrix (takes
+        no exact SVD) with a sketch the device's products serve well."""
+        width = group["rank"] + group["oversampling"]
+        return width < min(matrix_shape(p)) and (p.device.type != "cpu" or width <= CPU_PRODUCTS_MAX_WIDTH)
 
     def _init_state(self, p, group, shards=WHOLE):
         """The parameter's state, created on its first step: zero moments, factored for matrices."""
@@ -724,14 +729,14 @@ class MLorc_AdamW(_MLorcOptimizer):
 
     def _fused(self, p, g, state, group, step):
         """mlorc::adamw_step_: _direction and [M7] in one pass over the matrix, moments rebuilt from
-        their factors entry by entry; returns the new dense moments for [M4] (or, where [M4] will
-        sketch them, only the update: the NewMoments under the key self.moments, which [M4] then
-        reaches through products, see FusedMoments)."""
+        their factors entry by entry; returns the new dense moments for [M4] (or, where
+        _through_products, only the update: the NewMoments under the key self.moments, which [M4]
+        then reaches through products, see FusedMoments)."""
         (b1, b2), (rows, cols) = group["betas"], matrix_shape(p)
         P, G, m_old, v_old = p.view(rows, cols), g.view(rows, cols), *self._old_factors(state)
         shift = torch.ops.mlorc.negative_mean(*v_old)                                       # [M2]
         scalars = (b1, b2, group["lr"], group["weight_decay"], group["eps"], 1 - b1 ** step, 1 - b2 ** step)
-        if self._sketched(p, group):
+        if self._through_products(p, group):
             torch.ops.mlorc.adamw_update_(P, G, *m_old, *v_old, shift, *scalars)
             return {self.moments: [NewMoment(G, m_old, b1), NewMoment(G, v_old, b2, True, shift)]}
         m, v = torch.empty(rows, cols, device=p.device), torch.empty(rows, cols, device=p.device)
@@ -769,7 +774,7 @@ class MLorc_Lion(_MLorcOptimizer):
         g = clip_by_norm(g, group["clip_threshold"])
         P, G, (m_old,) = p.view(rows, cols), g.view(rows, cols), self._old_factors(state)
         scalars = (b1, b2, group["lr"], group["weight_decay"])
-        if self._sketched(p, group):
+        if self._through_products(p, group):
             torch.ops.mlorc.lion_update_(P, G, *m_old, *scalars)
             return {self.moments: [NewMoment(G, m_old, b2)]}
         m = torch.empty(rows, cols, device=p.device)

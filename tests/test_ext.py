@@ -309,6 +309,43 @@ def test_products_only_compression_matches_pure_pytorch(ext, cls, power_iters, d
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cls", [mlorc.MLorc_AdamW, mlorc.MLorc_Lion], ids=["AdamW", "Lion"])
+def test_wide_sketches_write_the_moments_on_cpu(ext, cls, monkeypatch):
+    """On the CPU a sketch wider than CPU_PRODUCTS_MAX_WIDTH is not reached through moment_matmul:
+    the fused pass writes the new moments (adamw_step_ / lion_step_) and [M4] multiplies them with
+    BLAS. The result agrees with the pure path as the products-only one does; a sketch of exactly
+    the largest width still takes the products."""
+    called = set()
+
+    class Recorded:
+        def __getattr__(self, name):
+            called.add(name)
+            return getattr(ext, name)
+
+    def run(extension, width):
+        with extension_mode(extension):
+            gen = torch.Generator().manual_seed(0)
+            params = [torch.randn(s, generator=gen).requires_grad_() for s in [(300, 40), (300, 40)]]
+            opt = cls(params, lr=1e-2, rank=width - 4, oversampling=4)
+            for _ in range(5):
+                for p in params:
+                    g = torch.randn(p.shape, generator=gen)
+                    p.grad = g.sign() * (g.abs() + 0.1)
+                opt.step()
+            return params
+
+    assert mlorc.extension_ready(torch.device("cpu"))     # its check's calls are not recorded
+    monkeypatch.setattr(torch.ops, "mlorc", Recorded())
+    writes = {mlorc.MLorc_AdamW: "adamw_step_", mlorc.MLorc_Lion: "lion_step_"}[cls]
+    for width, products in [(mlorc.CPU_PRODUCTS_MAX_WIDTH + 2, False), (mlorc.CPU_PRODUCTS_MAX_WIDTH, True)]:
+        called.clear()
+        fused = run("1", width)
+        assert ("moment_matmul" in called) == products
+        assert (writes in called) == (not products)
+        for a, b in zip(run("0", width), fused):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_parameters_take_the_python_path(ext):
     """The fused ops cover fp32 parameters; bf16 ones (stochastic rounding) run the Python rules,
     so the result is the pure path's, bitwise."""
