@@ -85,7 +85,7 @@ FUSED_MAX_RANK = 32        # the extension rebuilds each entry with an r-term lo
                            # terms the matmul of the pure path is faster
 CPU_PRODUCTS_MAX_WIDTH = 16  # the CPU's moment_matmul rebuilds the moment for every 8 columns of X:
                            # for wider sketches, writing the new moments once and multiplying them
-                           # with BLAS is faster (bench/step.py --rank 16: 212 vs 315 ms a step)
+                           # with BLAS is faster (see the README's extension section)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -509,10 +509,10 @@ class _MLorcOptimizer(torch.optim.Optimizer):
         name = type(self).__name__
         for group in groups:
             self._validate_group(group)
-        if self._fused is not None:      # the extension's first use on a device is checked here,
-            for device in {p.device for _, p in params
-                           if p.dtype == torch.float32 and p.ndim >= 2 and not _is_dtensor(p)}:
-                extension_ready(device)   # before anything changes (with MLORC_EXTENSION=1 it may raise)
+        # the extension's first use on a device is checked here, before anything changes (with
+        # MLORC_EXTENSION=1 it may raise), and only where a fused step may follow
+        for device in {p.device for _, p in params if self._may_fuse(p, self._locate(p)[1])}:
+            extension_ready(device)
         by_device = {}
         for index, p in params:
             if p.grad.is_sparse:
@@ -643,13 +643,19 @@ class _MLorcOptimizer(torch.optim.Optimizer):
                 rounding = w["shards"].rounding(w["generator"]) if group["stochastic_rounding"] else None
                 apply_update_(w["p"], w["d"], w["lr"], w["weight_decay"], rounding)
 
-    def _fused_applies(self, p, state, group):
-        """Whether the extension's fused op (see `_fused`) covers this parameter's step: fp32 matrix
-        with factored moments, no option that changes the direction, extension ready on its device."""
+    def _may_fuse(self, p, group):
+        """What `_fused_applies` asks of the parameter and its group alone: a whole (not sharded) fp32
+        contiguous matrix with factored moments, no option that changes the direction."""
         return (self._fused is not None and p.dtype == torch.float32 and p.is_contiguous()
+                and p.ndim >= 2 and not _is_dtensor(p) and group["rank"] is not None
+                and not (group["use_grams"] or group["use_cautious"] or group["use_atan2"]))
+
+    def _fused_applies(self, p, state, group):
+        """Whether the extension's fused op (see `_fused`) covers this parameter's step: `_may_fuse`,
+        factors in the state of at most FUSED_MAX_RANK terms, the extension ready on its device."""
+        return (self._may_fuse(p, group)
                 and all(name + "_U" in state and state[name + "_s"].numel() <= FUSED_MAX_RANK
                         for name in self.moments)
-                and not (group["use_grams"] or group["use_cautious"] or group["use_atan2"])
                 and extension_ready(p.device))
 
     _fused = None    # AdamW / Lion: one pass of [M1]-[M3], [M5]-[M7] in csrc/, returning the new moments

@@ -39,6 +39,18 @@ def extension_mode(value):
             os.environ["MLORC_EXTENSION"] = old
 
 
+class OpsWith:
+    """torch.ops.mlorc with some operators replaced (mlorc.py looks them up on every call); `used`
+    names the operators looked up."""
+
+    def __init__(self, ops, **replaced):
+        self.ops, self.replaced, self.used = ops, replaced, set()
+
+    def __getattr__(self, name):
+        self.used.add(name)
+        return self.replaced.get(name) or getattr(self.ops, name)
+
+
 @pytest.fixture(scope="module")
 def ext():
     with extension_mode("1"):
@@ -315,13 +327,6 @@ def test_wide_sketches_write_the_moments_on_cpu(ext, cls, monkeypatch):
     the fused pass writes the new moments (adamw_step_ / lion_step_) and [M4] multiplies them with
     BLAS. The result agrees with the pure path as the products-only one does; a sketch of exactly
     the largest width still takes the products."""
-    called = set()
-
-    class Recorded:
-        def __getattr__(self, name):
-            called.add(name)
-            return getattr(ext, name)
-
     def run(extension, width):
         with extension_mode(extension):
             gen = torch.Generator().manual_seed(0)
@@ -335,13 +340,13 @@ def test_wide_sketches_write_the_moments_on_cpu(ext, cls, monkeypatch):
             return params
 
     assert mlorc.extension_ready(torch.device("cpu"))     # its check's calls are not recorded
-    monkeypatch.setattr(torch.ops, "mlorc", Recorded())
     writes = {mlorc.MLorc_AdamW: "adamw_step_", mlorc.MLorc_Lion: "lion_step_"}[cls]
     for width, products in [(mlorc.CPU_PRODUCTS_MAX_WIDTH + 2, False), (mlorc.CPU_PRODUCTS_MAX_WIDTH, True)]:
-        called.clear()
+        ops = OpsWith(ext)
+        monkeypatch.setattr(torch.ops, "mlorc", ops)
         fused = run("1", width)
-        assert ("moment_matmul" in called) == products
-        assert (writes in called) == (not products)
+        assert ("moment_matmul" in ops.used) == products
+        assert (writes in ops.used) == (not products)
         for a, b in zip(run("0", width), fused):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
@@ -386,16 +391,6 @@ def test_required_extension_raises_on_build_failure(monkeypatch):
     monkeypatch.setenv("MLORC_EXTENSION", "1")
     with pytest.raises(RuntimeError, match="MLORC_EXTENSION=1.*compiler exploded"):
         mlorc.load_extension()
-
-
-class OpsWith:
-    """torch.ops.mlorc with some operators replaced (mlorc.py looks them up on every call)."""
-
-    def __init__(self, ops, **replaced):
-        self.ops, self.replaced = ops, replaced
-
-    def __getattr__(self, name):
-        return self.replaced.get(name) or getattr(self.ops, name)
 
 
 def wrong_update(ext):
@@ -463,6 +458,28 @@ def test_a_required_extension_that_differs_from_pure_raises_before_any_change(ex
                                            "does not reproduce pure PyTorch: MLorc_AdamW's parameters differ"):
         opt.step()
     assert torch.equal(p, torch.ones(30, 20)) and torch.equal(v, torch.ones(5)) and not opt.state
+
+
+@pytest.mark.parametrize("options", [dict(rank=None), dict(use_grams=True), dict(rank=2)],
+                         ids=["dense moments", "grams", "bf16"])
+def test_no_build_or_check_where_no_fused_step_can_follow(monkeypatch, options):
+    """The extension is built, and checked on a device, only for parameters it could step: none for
+    dense moments, options that change the direction, or bf16 parameters."""
+    from torch.utils import cpp_extension
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("built for an optimizer that cannot use it")
+
+    monkeypatch.setattr(cpp_extension, "load", must_not_build)
+    monkeypatch.setattr(mlorc, "_extension", {})
+    monkeypatch.delenv("MLORC_EXTENSION", raising=False)
+    dtype = torch.bfloat16 if options == dict(rank=2) else torch.float32
+    p = torch.ones(30, 20, dtype=dtype, requires_grad=True)
+    p.grad = torch.full((30, 20), 0.5, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                     # no "extension unavailable" warning
+        mlorc.MLorc_AdamW([p], **options).step()
+    assert "loaded" not in mlorc._extension and not torch.equal(p, torch.ones(30, 20, dtype=dtype))
 
 
 def test_disabled_extension_is_never_built(monkeypatch):
