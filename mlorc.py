@@ -83,9 +83,10 @@ __all__ = [
 ATAN2_SCALE = 4 / math.pi  # Adam-atan2's a: makes the update's scale match Adam's for |m| ~ sqrt(v)
 FUSED_MAX_RANK = 32        # the extension rebuilds each entry with an r-term loop: past a few dozen
                            # terms the matmul of the pure path is faster
-CPU_PRODUCTS_MAX_WIDTH = 16  # the CPU's moment_matmul rebuilds the moment for every 8 columns of X:
-                           # for wider sketches, writing the new moments once and multiplying them
-                           # with BLAS is faster (see the README's extension section)
+CPU_PRODUCTS_MAX_WIDTH = 24  # each of [M4]'s products rebuilds a second moment from its factors: for
+                           # wider sketches (rank > 20 with the default oversampling), writing the
+                           # new moments once and multiplying them with BLAS is faster on the CPU
+                           # (bench/cpu_products.py; a first moment's products need no rebuild)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -664,13 +665,13 @@ class _MLorcOptimizer(torch.optim.Optimizer):
         """The (U, s, Vh) of each moment, as the extension wants them."""
         return [factors(state, name) for name in self.moments]
 
-    @staticmethod
-    def _through_products(p, group):
+    def _through_products(self, p, group):
         """Whether the fused step hands [M4] NewMoments, which it reaches through products (see
         FusedMoments), instead of writing the new moments out: where [M4] sketches the matrix (takes
         no exact SVD) with a sketch the device's products serve well."""
         width = group["rank"] + group["oversampling"]
-        return width < min(matrix_shape(p)) and (p.device.type != "cpu" or width <= CPU_PRODUCTS_MAX_WIDTH)
+        wide = p.device.type == "cpu" and self.second_moments and width > CPU_PRODUCTS_MAX_WIDTH
+        return width < min(matrix_shape(p)) and not wide
 
     def _init_state(self, p, group, shards=WHOLE):
         """The parameter's state, created on its first step: zero moments, factored for matrices."""
@@ -1174,8 +1175,9 @@ class FusedMoments:
     rsvd only needs products with them, so it takes the stack as it takes a stack of dense moments
     (batched QR and SVD) while each product is formed without the moment itself: mlorc::moment_matmul
     rebuilds it a vector register at a time from its old factors and g ([M1]-[M3]) and multiplies
-    as it goes. So the step holds no dense m x n moment at all (on CUDA, moment_matmul holds
-    chunks of 16 MiB)."""
+    as it goes (a first moment, linear in its parts, may be multiplied as beta U (s (Vh X)) +
+    (1 - beta) g X instead). So the step holds no dense m x n moment at all (on CUDA,
+    moment_matmul holds chunks of 16 MiB of a second moment)."""
 
     def __init__(self, moments, transposed=False):
         self.moments, self.transposed = moments, transposed

@@ -156,15 +156,17 @@ __attribute__((always_inline)) inline void lane_totals(const V (&v)[16], float* 
 }
 
 // rows [begin, end) of A @ X into out (rows, width), two rows at a time: each one-vector chunk of
-// the two rows is rebuilt in registers and multiplied into 2 x 8 running one-vector sums, whose lanes
-// are added at the end (lane_totals). Xt is X^T (round_up8(width), stride), padded with zeros
-// (loop_layout): the padding makes the partial last chunk contribute nothing beyond column cols.
-// A lone last row is computed as a pair with itself.
-template <bool kSquared, bool kRepair>
+// the two rows is multiplied into 2 x 8 running one-vector sums, whose lanes are added at the end
+// (lane_totals). A chunk is rebuilt in registers where X is at most 8 wide (one pass over the row);
+// for wider X the two rows are rebuilt once into `rows` (2 x stride floats) and read back for every 8
+// columns, instead of rebuilt for each: r multiply-adds an entry, once. Xt is X^T (round_up8(width),
+// stride), padded with zeros (loop_layout): the padding makes the partial last chunk contribute
+// nothing beyond column cols. A lone last row is computed as a pair with itself.
+template <bool kSquared, bool kRepair, bool kBuffered>
 __attribute__((always_inline)) inline void product_rows_impl(const NewMoment& A, const float* Xt,
                                                              int64_t width, int64_t begin, int64_t end,
-                                                             float* out, float* w) {
-  float *w0 = w, *w1 = w + A.old.r;
+                                                             float* out, float* w, float* rows) {
+  float *w0 = w, *w1 = w + A.old.r, *row0 = rows, *row1 = rows + A.old.stride;
   for (int64_t i = begin; i < end; i += 2) {
     const int64_t i1 = std::min(i + 1, end - 1);
     A.old.weights(i, w0);
@@ -174,13 +176,29 @@ __attribute__((always_inline)) inline void product_rows_impl(const NewMoment& A,
     // left the loop waiting on memory whenever g was not in cache (a third to a half of its time)
     const float* next0 = A.g + std::min(i + 2, end - 1) * A.cols;
     const float* next1 = A.g + std::min(i + 3, end - 1) * A.cols;
-    for (int64_t q0 = 0; q0 < width; q0 += kWidthBlock) {
-      Vec sum[2 * kWidthBlock] = {};       // row i's 8 sums, then row i1's
+    if (kBuffered) {
       for (int64_t j = 0; j < A.old.stride; j += kVecLanes) {
         __builtin_prefetch(next0 + j);
         __builtin_prefetch(next1 + j);
         const Vec a0 = moment_chunk<kSquared, kRepair>(A, w0, g0, j),
-                       a1 = moment_chunk<kSquared, kRepair>(A, w1, g1, j);
+                  a1 = moment_chunk<kSquared, kRepair>(A, w1, g1, j);
+        std::memcpy(row0 + j, &a0, sizeof a0);
+        std::memcpy(row1 + j, &a1, sizeof a1);
+      }
+    }
+    for (int64_t q0 = 0; q0 < width; q0 += kWidthBlock) {
+      Vec sum[2 * kWidthBlock] = {};       // row i's 8 sums, then row i1's
+      for (int64_t j = 0; j < A.old.stride; j += kVecLanes) {
+        Vec a0, a1;
+        if (kBuffered) {
+          a0 = load_vec(row0 + j);
+          a1 = load_vec(row1 + j);
+        } else {
+          __builtin_prefetch(next0 + j);
+          __builtin_prefetch(next1 + j);
+          a0 = moment_chunk<kSquared, kRepair>(A, w0, g0, j);
+          a1 = moment_chunk<kSquared, kRepair>(A, w1, g1, j);
+        }
         for (int64_t q = 0; q < kWidthBlock; ++q) {
           const Vec x = load_vec(Xt + (q0 + q) * A.old.stride + j);
           sum[q] += a0 * x;
@@ -199,26 +217,33 @@ __attribute__((always_inline)) inline void product_rows_impl(const NewMoment& A,
 
 // rows [begin, end)'s share of A^T @ X, written to out (round_up8(width), stride), its transpose
 // X^T A: for each one-vector chunk, 8 output rows stay in registers while the rows of A go by, each
-// chunk of A rebuilt in registers and added in times X[i, q]. Rows go in blocks of 32, so a block
-// of g (and of U) stays in cache across its chunks; each row fetches its chunk in the next block
-// ahead (the hardware prefetcher does not follow 32 rows at once). X is (rows, round_up8(width)),
-// padded with zeros.
-template <bool kSquared, bool kRepair>
+// chunk of A added in times X[i, q]. Where X is at most 8 wide, each chunk is rebuilt in registers
+// as it is needed; for wider X, the chunks of a block of rows are rebuilt once into `chunk` and read
+// back for every 8 columns. Rows go in blocks of 32, so a block of g (and of U) stays in cache
+// across its chunks; each row fetches its chunk in the next block ahead (the hardware prefetcher does
+// not follow 32 rows at once). X is (rows, round_up8(width)), padded with zeros.
+template <bool kSquared, bool kRepair, bool kBuffered>
 __attribute__((always_inline)) inline void accumulate_rows_impl(const NewMoment& A, const float* X,
                                                                 int64_t width, int64_t begin,
                                                                 int64_t end, float* out, float* w) {
   const int64_t x_stride = round_up8(width);
+  Vec chunk[kRowBlock];
   for (int64_t first = begin; first < end; first += kRowBlock) {
     const int64_t last = std::min(end, first + kRowBlock);
     for (int64_t i = first; i < last; ++i) A.old.weights(i, w + (i - first) * A.old.r);
-    for (int64_t q0 = 0; q0 < width; q0 += kWidthBlock) {
-      for (int64_t j = 0; j < A.old.stride; j += kVecLanes) {
+    const auto new_chunk = [&](int64_t i, int64_t j) {
+      __builtin_prefetch(A.g + std::min(i + kRowBlock, end - 1) * A.cols + j);    // see above
+      return moment_chunk<kSquared, kRepair>(A, w + (i - first) * A.old.r, A.g + i * A.cols, j);
+    };
+    for (int64_t j = 0; j < A.old.stride; j += kVecLanes) {
+      if (kBuffered)
+        for (int64_t i = first; i < last; ++i) chunk[i - first] = new_chunk(i, j);
+      for (int64_t q0 = 0; q0 < width; q0 += kWidthBlock) {
         Vec sum[kWidthBlock] = {};        // the range's first block writes out, the others add
         if (first != begin)
           for (int64_t q = 0; q < kWidthBlock; ++q) sum[q] = load_vec(out + (q0 + q) * A.old.stride + j);
         for (int64_t i = first; i < last; ++i) {
-          __builtin_prefetch(A.g + std::min(i + kRowBlock, end - 1) * A.cols + j);    // see above
-          const Vec a = moment_chunk<kSquared, kRepair>(A, w + (i - first) * A.old.r, A.g + i * A.cols, j);
+          const Vec a = kBuffered ? chunk[i - first] : new_chunk(i, j);
           const float* x = X + i * x_stride + q0;
           for (int64_t q = 0; q < kWidthBlock; ++q) sum[q] += a * x[q];
         }
@@ -241,16 +266,23 @@ __attribute__((always_inline)) inline void for_kind(const NewMoment& A, const Lo
     A.repair ? loop(no{}, yes{}) : loop(no{}, no{});
 }
 
+// w: 2 r floats of scratch, rows: 2 stride floats (used where X is wider than 8)
 void product_rows(const NewMoment& A, const float* Xt, int64_t width, int64_t begin, int64_t end,
-                  float* out, float* w) {
+                  float* out, float* w, float* rows) {
   for_kind(A, [&](auto squared, auto repair) {
-    product_rows_impl<squared.value, repair.value>(A, Xt, width, begin, end, out, w);
+    if (width > kWidthBlock)
+      product_rows_impl<squared.value, repair.value, true>(A, Xt, width, begin, end, out, w, rows);
+    else
+      product_rows_impl<squared.value, repair.value, false>(A, Xt, width, begin, end, out, w, rows);
   });
 }
 
 void accumulate_rows(const NewMoment& A, const float* X, int64_t width, int64_t begin, int64_t end,
                      float* out, float* w) {
   for_kind(A, [&](auto squared, auto repair) {
-    accumulate_rows_impl<squared.value, repair.value>(A, X, width, begin, end, out, w);
+    if (width > kWidthBlock)
+      accumulate_rows_impl<squared.value, repair.value, true>(A, X, width, begin, end, out, w);
+    else
+      accumulate_rows_impl<squared.value, repair.value, false>(A, X, width, begin, end, out, w);
   });
 }

@@ -315,8 +315,8 @@ void lion_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U, co
 // ---------------------------------------------------------------------------------------------------
 // moment_matmul: A @ X, or A^T @ X when transposed, for the new moment A = beta * rebuild(U, s, Vh) +
 // (1 - beta) * grad (grad * grad when squared; rebuilt entries below 0 become shift first when a
-// shift is given), without writing A out. Python twin: the dense moment of mlorc.FusedMoments, which
-// calls this for second moments (a first moment is linear in its parts and takes a BLAS product).
+// shift is given), without writing A out. Python twin: a dense moment of the stack that
+// mlorc.FusedMoments stands for.
 
 void check_moment_matmul_args(const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh,
                               const at::Tensor& grad, const c10::optional<at::Tensor>& shift,
@@ -330,26 +330,20 @@ void check_moment_matmul_args(const at::Tensor& U, const at::Tensor& s, const at
               "mlorc: moment_matmul's shift must be one float32");
 }
 
-at::Tensor moment_matmul_cpu(const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh,
-                             const at::Tensor& grad, double beta, bool squared,
-                             const c10::optional<at::Tensor>& shift, const at::Tensor& X,
-                             bool transposed) {
-  check_moment_matmul_args(U, s, Vh, grad, shift, X, transposed);
-  const int64_t rows = U.size(0), cols = Vh.size(1), r = s.size(0), width = X.size(1);
-  const int64_t stride = round_up16(cols), b = block_rows(cols), blocks = count_blocks(rows, cols);
+// A @ X, or A^T @ X when transposed, through the row loops
+at::Tensor new_moment_matmul(const NewMoment& A, int64_t rows, const at::Tensor& X, bool transposed) {
+  const int64_t cols = A.cols, r = A.old.r, width = X.size(1), stride = A.old.stride;
+  const int64_t b = block_rows(cols), blocks = count_blocks(rows, cols);
   const int64_t padded_width = round_up8(width);      // X's columns, padded to the 8 summed at once
-  const at::Tensor vh = padded(Vh);
-  const bool repair = shift.has_value();
-  const NewMoment A{Factors(U, s, vh), grad.data_ptr<float>(), cols, float(beta),
-                    repair ? shift->item<float>() : 0.f, squared, repair};
   if (!transposed) {
     const at::Tensor Xt = loop_layout(X, stride);
     const float* xt = Xt.data_ptr<float>();
     at::Tensor out = at::empty({rows, width}, X.options());
     float* o = out.data_ptr<float>();
     const auto product = MLORC_ROWS(product_rows);
-    for_row_blocks(rows, cols, 2 * r, [&](int64_t, int64_t begin, int64_t end, float* w) {
-      product(A, xt, width, begin, end, o, w);
+    const int64_t row_buffer = width > kWidthBlock ? 2 * stride : 0;   // see product_rows
+    for_row_blocks(rows, cols, 2 * r + row_buffer, [&](int64_t, int64_t begin, int64_t end, float* w) {
+      product(A, xt, width, begin, end, o, w, w + 2 * r);
     });
     return out;
   }
@@ -364,7 +358,7 @@ at::Tensor moment_matmul_cpu(const at::Tensor& U, const at::Tensor& s, const at:
   const std::unique_ptr<float[]> partial(new float[parts * padded_width * stride]);
   const auto accumulate = MLORC_ROWS(accumulate_rows);
   parallel_for_matrix(parts, blocks, [&](int64_t first, int64_t last) {
-    std::vector<float> w(kRowBlock * r);
+    std::vector<float> w(kRowBlock * std::max<int64_t>(r, 1));
     for (int64_t q = first; q < last; ++q) {
       const int64_t begin = q * blocks / parts * b, end = std::min(rows, (q + 1) * blocks / parts * b);
       accumulate(A, x, width, begin, end, partial.get() + q * padded_width * stride, w.data());
@@ -383,6 +377,34 @@ at::Tensor moment_matmul_cpu(const at::Tensor& U, const at::Tensor& s, const at:
   for (int64_t j = 0; j < cols; ++j)
     for (int64_t c = 0; c < width; ++c) o[j * width + c] = total[c * stride + j];
   return out;
+}
+
+// From this rank on, a first moment's product leaves out the rebuild (below); for fewer terms the
+// rebuild costs less than the two extra BLAS calls (measured with bench/cpu_products.py)
+constexpr int64_t kSplitRank = 8;
+
+at::Tensor moment_matmul_cpu(const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh,
+                             const at::Tensor& grad, double beta, bool squared,
+                             const c10::optional<at::Tensor>& shift, const at::Tensor& X,
+                             bool transposed) {
+  check_moment_matmul_args(U, s, Vh, grad, shift, X, transposed);
+  const int64_t rows = U.size(0), cols = Vh.size(1);
+  const bool repair = shift.has_value();
+  if (!squared && !repair && s.size(0) >= kSplitRank) {
+    // a first moment is linear in its parts: A X = beta (U s) (Vh X) + (1 - beta) g X. The row loops
+    // then multiply g alone (a NewMoment without old factors, and beta 0, is g itself): r fewer
+    // multiply-adds an entry, for two thin BLAS products (r wide)
+    const at::Tensor none = at::zeros({0, round_up16(cols)}, U.options());
+    const NewMoment G{Factors(U.narrow(1, 0, 0), s.narrow(0, 0, 0), none), grad.data_ptr<float>(), cols,
+                      0.f, 0.f, false, false};
+    const at::Tensor gX = new_moment_matmul(G, rows, X, transposed), Us = U * s;
+    return transposed ? at::addmm(gX, Vh.t(), at::mm(Us.t(), X), 1.0 - beta, beta)
+                      : at::addmm(gX, Us, at::mm(Vh, X), 1.0 - beta, beta);
+  }
+  const at::Tensor vh = padded(Vh);
+  const NewMoment A{Factors(U, s, vh), grad.data_ptr<float>(), cols, float(beta),
+                    repair ? shift->item<float>() : 0.f, squared, repair};
+  return new_moment_matmul(A, rows, X, transposed);
 }
 
 TORCH_LIBRARY(mlorc, m) {

@@ -329,7 +329,7 @@ def test_prodigy_default_eps_deviation(float64, device, shapes, seed, b1, b2, wd
     for the direction, P_ULPS u |p| for applying it)."""
     eps, lr = 1e-8, 1.0
     kw = dict(lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, slice_p=slice_p)
-    largest_deviation = 0.0
+    visible = False
     for d_old, d_new, params in prodigy_synced_steps(shapes, seed, 20, kw, device):
         dlr = d_old * lr
         for a, b, w, state in params:
@@ -341,10 +341,11 @@ def test_prodigy_default_eps_deviation(float64, device, shapes, seed, b1, b2, wd
             deviation = a - b
             torch.testing.assert_close(deviation, predicted, rtol=0, atol=rounding)
             assert (deviation.abs() <= bound + rounding).all()
-            largest_deviation = max(largest_deviation, (deviation.abs() - rounding).max().item())
-    # d grows from d0 in these runs, so the deviation is visible above rounding at least once: the
-    # test would catch MLorc using d_new (no deviation) or a different eps term.
-    assert largest_deviation > 0
+            visible |= bool((predicted.abs() > 2 * rounding).any())
+    # Where the predicted deviation is above rounding, the first check catches MLorc using d_new (no
+    # deviation) or another eps term. That takes a step in which d grows; an example where it never
+    # does (a lone entry whose gradients do not line up, say) tests nothing and is set aside.
+    assume(visible)
 
 
 @fewer(10)

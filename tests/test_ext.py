@@ -142,16 +142,17 @@ def _test_moment_matmul(ops, device):
     ~1 / sqrt(n) = 1e-2 of it or more. Shapes: one block of rows, a few with a short last one, more
     than the 8 ranges the CPU's transposed product sums separately, an odd number of rows (the CPU
     takes them in pairs), one row, widths that are not a multiple of the CPU's 16 lanes, and (CUDA)
-    more rows than one 4M-entry chunk; X 6, 8 and 11 wide (the CPU holds sums for 8 columns of X at
-    a time), row-major (as rsvd's Omega) and column-major (as its Q from torch.linalg.qr); where the
+    more rows than one 4M-entry chunk; X 6, 8, 11 and 20 wide (the CPU holds sums for 8 columns of X
+    at a time, and rebuilds a row once for all of them where X is wider), the last with 17 factor
+    terms; X row-major (as rsvd's Omega) and column-major (as its Q from torch.linalg.qr); where the
     width is a multiple of 8 the CPU reads X in place in one layout (X^T for A X, if the columns are
     also a multiple of 16; X for A^T X) and copies it in the other."""
     shapes = [(12, 10), (300, 100), (5000, 64), (40, 33), (7, 50), (1, 20)]
     shapes += [(70000, 65)] if device == "cuda" else []
-    for (rows, cols), width in itertools.product(shapes, (6, 8, 11)):
+    for (rows, cols), (width, r) in itertools.product(shapes, [(6, 4), (8, 4), (11, 4), (20, 17)]):
         gen = torch.Generator().manual_seed(rows)
-        old = tuple(t.to(device) for t in (torch.randn(rows, 4, generator=gen), torch.rand(4, generator=gen),
-                                           torch.randn(4, cols, generator=gen)))
+        old = tuple(t.to(device) for t in (torch.randn(rows, r, generator=gen), torch.rand(r, generator=gen),
+                                           torch.randn(r, cols, generator=gen)))
         g = torch.randn(rows, cols, generator=gen).to(device)
         for squared, shift in [(False, None), (True, ops.negative_mean(*old))]:
             A = dense_moment(old, g, 0.9, squared, shift)
@@ -322,11 +323,12 @@ def test_products_only_compression_matches_pure_pytorch(ext, cls, power_iters, d
 
 
 @pytest.mark.parametrize("cls", [mlorc.MLorc_AdamW, mlorc.MLorc_Lion], ids=["AdamW", "Lion"])
-def test_wide_sketches_write_the_moments_on_cpu(ext, cls, monkeypatch):
-    """On the CPU a sketch wider than CPU_PRODUCTS_MAX_WIDTH is not reached through moment_matmul:
-    the fused pass writes the new moments (adamw_step_ / lion_step_) and [M4] multiplies them with
-    BLAS. The result agrees with the pure path as the products-only one does; a sketch of exactly
-    the largest width still takes the products."""
+def test_wide_sketches_write_the_second_moment_on_cpu(ext, cls, monkeypatch):
+    """On the CPU, where a sketch is wider than CPU_PRODUCTS_MAX_WIDTH, a second moment is not
+    reached through moment_matmul (each product would rebuild it): MLorc_AdamW's fused pass writes
+    the new moments (adamw_step_) and [M4] multiplies them with BLAS; a sketch of exactly the
+    largest width still takes the products. MLorc_Lion's first moment takes them at every width.
+    Either way the result agrees with the pure path."""
     def run(extension, width):
         with extension_mode(extension):
             gen = torch.Generator().manual_seed(0)
@@ -341,7 +343,8 @@ def test_wide_sketches_write_the_moments_on_cpu(ext, cls, monkeypatch):
 
     assert mlorc.extension_ready(torch.device("cpu"))     # its check's calls are not recorded
     writes = {mlorc.MLorc_AdamW: "adamw_step_", mlorc.MLorc_Lion: "lion_step_"}[cls]
-    for width, products in [(mlorc.CPU_PRODUCTS_MAX_WIDTH + 2, False), (mlorc.CPU_PRODUCTS_MAX_WIDTH, True)]:
+    for width in (mlorc.CPU_PRODUCTS_MAX_WIDTH + 2, mlorc.CPU_PRODUCTS_MAX_WIDTH):
+        products = width <= mlorc.CPU_PRODUCTS_MAX_WIDTH or cls is mlorc.MLorc_Lion
         ops = OpsWith(ext)
         monkeypatch.setattr(torch.ops, "mlorc", ops)
         fused = run("1", width)
