@@ -83,10 +83,11 @@ __all__ = [
 ATAN2_SCALE = 4 / math.pi  # Adam-atan2's a: makes the update's scale match Adam's for |m| ~ sqrt(v)
 FUSED_MAX_RANK = 32        # the extension rebuilds each entry with an r-term loop: past a few dozen
                            # terms the matmul of the pure path is faster
-CPU_PRODUCTS_MAX_WIDTH = 24  # each of [M4]'s products rebuilds a second moment from its factors: for
-                           # wider sketches (rank > 20 with the default oversampling), writing the
-                           # new moments once and multiplying them with BLAS is faster on the CPU
-                           # (bench/cpu_products.py; a first moment's products need no rebuild)
+CPU_PRODUCTS_MAX_WIDTH = 24  # on the CPU each of [M4]'s products rebuilds a second moment from its
+                           # factors: for sketches wider than this (rank > 20 with the default
+                           # oversampling), writing the new moments once and multiplying them with
+                           # BLAS is faster. A first moment alone (Lion) takes the products at any
+                           # width: they leave its rebuild out (bench/cpu_products.py)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -128,7 +129,7 @@ def rsvd(A, rank, oversampling=0, power_iters=0, generator=None):
         Q = torch.linalg.qr((Q.mT @ A).mT).Q                      # A^T Q: (n, r + p), see below
         Q = torch.linalg.qr(A @ Q).Q                              # (m, r + p)
     # B = Q^T A = R_B^T Q_B^T: (r + p, n). A^T Q is formed as (Q^T A)^T: CPU BLAS took 5-10x longer
-    # to multiply by a transposed tall matrix than to make this wide product
+    # for A.mT @ Q than for this wide product
     Q_B, R_B = torch.linalg.qr((Q.mT @ A).mT)
     U_small, s, W_h = torch.linalg.svd(R_B.mT)                    # so only a (r + p)^2 SVD is needed
     return Q @ U_small[..., :k], s[..., :k], W_h[..., :k, :] @ Q_B.mT
