@@ -157,8 +157,8 @@ __attribute__((always_inline)) inline void lane_totals(const V (&v)[16], float* 
 
 // rows [begin, end) of A @ X into out (rows, width), two rows at a time: each one-vector chunk of
 // the two rows is multiplied into 2 x 8 running one-vector sums, whose lanes are added at the end
-// (lane_totals). A chunk is rebuilt in registers where X is at most 8 wide (one pass over the row);
-// for wider X the two rows are rebuilt once into `rows` (2 x stride floats) and read back for every 8
+// (lane_totals). A chunk is rebuilt in registers as it is needed, or, where `buffered` (X wider than
+// 8), the two rows are rebuilt once into `rows` (2 x stride floats) and read back for every 8
 // columns, instead of rebuilt for each: r multiply-adds an entry, once. Xt is X^T (round_up8(width),
 // stride), padded with zeros (loop_layout): the padding makes the partial last chunk contribute
 // nothing beyond column cols. A lone last row is computed as a pair with itself.
@@ -217,9 +217,9 @@ __attribute__((always_inline)) inline void product_rows_impl(const NewMoment& A,
 
 // rows [begin, end)'s share of A^T @ X, written to out (round_up8(width), stride), its transpose
 // X^T A: for each one-vector chunk, 8 output rows stay in registers while the rows of A go by, each
-// chunk of A added in times X[i, q]. Where X is at most 8 wide, each chunk is rebuilt in registers
-// as it is needed; for wider X, the chunks of a block of rows are rebuilt once into `chunk` and read
-// back for every 8 columns. Rows go in blocks of 32, so a block of g (and of U) stays in cache
+// chunk of A added in times X[i, q]. Each chunk is rebuilt in registers as it is needed, or, where
+// `buffered`, the chunks of a block of rows are rebuilt once into `chunk` and read back for every 8
+// columns. Rows go in blocks of 32, so a block of g (and of U) stays in cache
 // across its chunks; each row fetches its chunk in the next block ahead (the hardware prefetcher does
 // not follow 32 rows at once). X is (rows, round_up8(width)), padded with zeros.
 template <bool kSquared, bool kRepair, bool kBuffered>
@@ -266,11 +266,11 @@ __attribute__((always_inline)) inline void for_kind(const NewMoment& A, const Lo
     A.repair ? loop(no{}, yes{}) : loop(no{}, no{});
 }
 
-// w: 2 r floats of scratch, rows: 2 stride floats (used where X is wider than 8)
+// w: 2 r floats of scratch, rows: 2 stride floats (used where buffered)
 void product_rows(const NewMoment& A, const float* Xt, int64_t width, int64_t begin, int64_t end,
                   float* out, float* w, float* rows) {
   for_kind(A, [&](auto squared, auto repair) {
-    if (width > kWidthBlock)
+    if (buffered(A, width))
       product_rows_impl<squared.value, repair.value, true>(A, Xt, width, begin, end, out, w, rows);
     else
       product_rows_impl<squared.value, repair.value, false>(A, Xt, width, begin, end, out, w, rows);
@@ -280,7 +280,7 @@ void product_rows(const NewMoment& A, const float* Xt, int64_t width, int64_t be
 void accumulate_rows(const NewMoment& A, const float* X, int64_t width, int64_t begin, int64_t end,
                      float* out, float* w) {
   for_kind(A, [&](auto squared, auto repair) {
-    if (width > kWidthBlock)
+    if (buffered(A, width))
       accumulate_rows_impl<squared.value, repair.value, true>(A, X, width, begin, end, out, w);
     else
       accumulate_rows_impl<squared.value, repair.value, false>(A, X, width, begin, end, out, w);

@@ -159,6 +159,11 @@ constexpr int64_t kWidthBlock = 8;
 
 inline int64_t round_up8(int64_t n) { return (n + kWidthBlock - 1) / kWidthBlock * kWidthBlock; }
 
+// Whether moment_matmul's row loops rebuild the rows of A once into a buffer and read them back for
+// every 8 columns of X, instead of rebuilding them in registers for each: where X is wider than 8
+// and there is a rebuild to save (a first moment split into g and its factors has none)
+inline bool buffered(const NewMoment& A, int64_t width) { return width > kWidthBlock && A.old.r > 0; }
+
 // X^T as A X's loops read it, (round_up8(width), ld): zero rows past X's width, zero columns past
 // its rows. X^T itself where it already is that (an orthonormal basis from torch.linalg.qr is
 // column-major, so its transpose is contiguous), else a padded copy.
@@ -341,7 +346,7 @@ at::Tensor new_moment_matmul(const NewMoment& A, int64_t rows, const at::Tensor&
     at::Tensor out = at::empty({rows, width}, X.options());
     float* o = out.data_ptr<float>();
     const auto product = MLORC_ROWS(product_rows);
-    const int64_t row_buffer = width > kWidthBlock ? 2 * stride : 0;   // see product_rows
+    const int64_t row_buffer = buffered(A, width) ? 2 * stride : 0;
     for_row_blocks(rows, cols, 2 * r + row_buffer, [&](int64_t, int64_t begin, int64_t end, float* w) {
       product(A, xt, width, begin, end, o, w, w + 2 * r);
     });
