@@ -101,19 +101,33 @@ void lion_rows(const LionArgs args, const Factors& m_old, int64_t begin, int64_t
 
 // columns [j, j + kVecLanes) of row i of the new moment A: [M1] from the weights w, [M2] if repair,
 // [M3]; the same expressions as lowrank_entry and moment_entry, so the entries equal what an update
-// pass sees
+// pass sees. Of a split first moment, only g's part: the chunk of g
 template <bool kSquared, bool kRepair>
 __attribute__((always_inline)) inline Vec moment_chunk(const NewMoment& A, const float* w, const float* gi,
                                                             int64_t j) {
-  Vec old = lowrank_chunk(A.old, w, j);
   Vec g = {};
   if (j + kVecLanes <= A.cols)
     g = load_vec(gi + j);
   else if (j < A.cols)          // the row's last, partial chunk; chunks wholly in the padding have g = 0
     std::memcpy(&g, gi + j, (A.cols - j) * sizeof(float));
+  if (!kSquared && !kRepair) return g;      // split (see split()): the loops add the factors' part
+  Vec old = lowrank_chunk(A.old, w, j);
   const Vec zero = {};
   if (kRepair) old = old < zero ? zero + A.shift : old;
   return kSquared ? old * A.beta + g * g * (1.f - A.beta) : old * A.beta + g * (1.f - A.beta);
+}
+
+// [M3] for n entries of a split first moment's product, given g's part in out: out = (1 - beta) out +
+// beta sum_k a[k step] b[k, :n], where a holds the factors' weights of the entries' row (U[i, :] s)
+// and b (r rows of ld floats) their products with X (Vh X), or a (U s)^T X's column and b Vh
+__attribute__((always_inline)) inline void add_factors_part(const NewMoment& A, float* __restrict out,
+                                                            int64_t n, const float* a, int64_t step,
+                                                            const float* __restrict b, int64_t ld) {
+  for (int64_t e = 0; e < n; ++e) out[e] *= 1.f - A.beta;
+  for (int64_t k = 0; k < A.old.r; ++k) {
+    const float weight = A.beta * a[k * step];
+    for (int64_t e = 0; e < n; ++e) out[e] += weight * b[k * ld + e];
+  }
 }
 
 // The lane totals of 16 vectors: totals[q] is the sum of v[q]'s lanes. With 16-lane vectors, four
@@ -161,11 +175,16 @@ __attribute__((always_inline)) inline void lane_totals(const V (&v)[16], float* 
 // 8), the two rows are rebuilt once into `rows` (2 x stride floats) and read back for every 8
 // columns, instead of rebuilt for each: r multiply-adds an entry, once. Xt is X^T (round_up8(width),
 // stride), padded with zeros (loop_layout): the padding makes the partial last chunk contribute
-// nothing beyond column cols. A lone last row is computed as a pair with itself.
+// nothing beyond column cols. A lone last row is computed as a pair with itself. Of a split first
+// moment the loops multiply g, and each result takes the factors' part from Vh X (add_factors_part;
+// vhx: (r, round_up8(width))).
 template <bool kSquared, bool kRepair, bool kBuffered>
 __attribute__((always_inline)) inline void product_rows_impl(const NewMoment& A, const float* Xt,
-                                                             int64_t width, int64_t begin, int64_t end,
-                                                             float* out, float* w, float* rows) {
+                                                             const float* vhx, int64_t width,
+                                                             int64_t begin, int64_t end, float* out,
+                                                             float* w, float* rows) {
+  constexpr bool kSplit = !kSquared && !kRepair;
+  const int64_t padded_width = round_up8(width);
   float *w0 = w, *w1 = w + A.old.r, *row0 = rows, *row1 = rows + A.old.stride;
   for (int64_t i = begin; i < end; i += 2) {
     const int64_t i1 = std::min(i + 1, end - 1);
@@ -207,6 +226,10 @@ __attribute__((always_inline)) inline void product_rows_impl(const NewMoment& A,
       }
       float total[2 * kWidthBlock];
       lane_totals(sum, total);
+      if (kSplit) {
+        add_factors_part(A, total, kWidthBlock, w0, 1, vhx + q0, padded_width);
+        add_factors_part(A, total + kWidthBlock, kWidthBlock, w1, 1, vhx + q0, padded_width);
+      }
       for (int64_t q = 0; q < kWidthBlock && q0 + q < width; ++q) {
         out[i * width + q0 + q] = total[q];
         if (i1 != i) out[i1 * width + q0 + q] = total[kWidthBlock + q];
@@ -221,16 +244,26 @@ __attribute__((always_inline)) inline void product_rows_impl(const NewMoment& A,
 // `buffered`, the chunks of a block of rows are rebuilt once into `chunk` and read back for every 8
 // columns. Rows go in blocks of 32, so a block of g (and of U) stays in cache
 // across its chunks; each row fetches its chunk in the next block ahead (the hardware prefetcher does
-// not follow 32 rows at once). X is (rows, round_up8(width)), padded with zeros.
+// not follow 32 rows at once). X is (rows, round_up8(width)), padded with zeros. Of a split first
+// moment the loops multiply g, and add the rows' share of (U s)^T X into usx ((r, round_up8(width)),
+// zeros on entry) for the factors' part (add_factors_part, once all rows are summed).
 template <bool kSquared, bool kRepair, bool kBuffered>
 __attribute__((always_inline)) inline void accumulate_rows_impl(const NewMoment& A, const float* X,
                                                                 int64_t width, int64_t begin,
-                                                                int64_t end, float* out, float* w) {
+                                                                int64_t end, float* out, float* usx,
+                                                                float* w) {
+  constexpr bool kSplit = !kSquared && !kRepair;
   const int64_t x_stride = round_up8(width);
   Vec chunk[kRowBlock];
   for (int64_t first = begin; first < end; first += kRowBlock) {
     const int64_t last = std::min(end, first + kRowBlock);
-    for (int64_t i = first; i < last; ++i) A.old.weights(i, w + (i - first) * A.old.r);
+    for (int64_t i = first; i < last; ++i) {
+      float* wi = w + (i - first) * A.old.r;
+      A.old.weights(i, wi);
+      if (kSplit)                           // (U s)^T X, row by row
+        for (int64_t k = 0; k < A.old.r; ++k)
+          for (int64_t q = 0; q < x_stride; ++q) usx[k * x_stride + q] += wi[k] * X[i * x_stride + q];
+    }
     const auto new_chunk = [&](int64_t i, int64_t j) {
       __builtin_prefetch(A.g + std::min(i + kRowBlock, end - 1) * A.cols + j);    // see above
       return moment_chunk<kSquared, kRepair>(A, w + (i - first) * A.old.r, A.g + i * A.cols, j);
@@ -267,22 +300,44 @@ __attribute__((always_inline)) inline void for_kind(const NewMoment& A, const Lo
 }
 
 // w: 2 r floats of scratch, rows: 2 stride floats (used where buffered)
-void product_rows(const NewMoment& A, const float* Xt, int64_t width, int64_t begin, int64_t end,
-                  float* out, float* w, float* rows) {
+void product_rows(const NewMoment& A, const float* Xt, const float* vhx, int64_t width, int64_t begin,
+                  int64_t end, float* out, float* w, float* rows) {
   for_kind(A, [&](auto squared, auto repair) {
     if (buffered(A, width))
-      product_rows_impl<squared.value, repair.value, true>(A, Xt, width, begin, end, out, w, rows);
+      product_rows_impl<squared.value, repair.value, true>(A, Xt, vhx, width, begin, end, out, w, rows);
     else
-      product_rows_impl<squared.value, repair.value, false>(A, Xt, width, begin, end, out, w, rows);
+      product_rows_impl<squared.value, repair.value, false>(A, Xt, vhx, width, begin, end, out, w, rows);
   });
 }
 
 void accumulate_rows(const NewMoment& A, const float* X, int64_t width, int64_t begin, int64_t end,
-                     float* out, float* w) {
+                     float* out, float* usx, float* w) {
   for_kind(A, [&](auto squared, auto repair) {
     if (buffered(A, width))
-      accumulate_rows_impl<squared.value, repair.value, true>(A, X, width, begin, end, out, w);
+      accumulate_rows_impl<squared.value, repair.value, true>(A, X, width, begin, end, out, usx, w);
     else
-      accumulate_rows_impl<squared.value, repair.value, false>(A, X, width, begin, end, out, w);
+      accumulate_rows_impl<squared.value, repair.value, false>(A, X, width, begin, end, out, usx, w);
   });
+}
+
+// The split's A^T X, transposed, from g's part of it in total (round_up8(width), stride) and (U s)^T X
+// in usx (r, round_up8(width)): each row c of total gets the factors' part Vh^T (U s)^T X[:, c]
+void add_factors_parts(const NewMoment& A, float* total, int64_t width, const float* usx) {
+  for (int64_t c = 0; c < width; ++c)
+    add_factors_part(A, total + c * A.old.stride, A.old.stride, usx + c, round_up8(width), A.old.vh,
+                     A.old.stride);
+}
+
+// out (na, nb): out[k, q] = a[k, :] . b[q, :] for rows of `stride` floats (a multiple of kVecLanes),
+// one vector of sums a pair: the small products (Vh X) of a split first moment
+void row_dots(const float* a, int64_t na, const float* b, int64_t nb, int64_t stride, float* out) {
+  for (int64_t k = 0; k < na; ++k)
+    for (int64_t q = 0; q < nb; ++q) {
+      Vec sum = {};
+      for (int64_t j = 0; j < stride; j += kVecLanes)
+        sum += load_vec(a + k * stride + j) * load_vec(b + q * stride + j);
+      float total = 0.f;
+      for (int l = 0; l < kVecLanes; ++l) total += sum[l];
+      out[k * nb + q] = total;
+    }
 }

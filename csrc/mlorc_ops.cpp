@@ -159,10 +159,17 @@ constexpr int64_t kWidthBlock = 8;
 
 inline int64_t round_up8(int64_t n) { return (n + kWidthBlock - 1) / kWidthBlock * kWidthBlock; }
 
+// Whether moment_matmul splits A: a first moment (no square, no repair) is linear in its parts,
+// A X = beta (U s)(Vh X) + (1 - beta) g X, so its row loops multiply g alone, and the factors' part
+// comes from r x width products (Vh X, or (U s)^T X for A^T X): r multiply-adds an entry fewer
+inline bool split(const NewMoment& A) { return !A.squared && !A.repair; }
+
 // Whether moment_matmul's row loops rebuild the rows of A once into a buffer and read them back for
 // every 8 columns of X, instead of rebuilding them in registers for each: where X is wider than 8
-// and there is a rebuild to save (a first moment split into g and its factors has none)
-inline bool buffered(const NewMoment& A, int64_t width) { return width > kWidthBlock && A.old.r > 0; }
+// and there is a rebuild to save (a split first moment has none)
+inline bool buffered(const NewMoment& A, int64_t width) {
+  return width > kWidthBlock && A.old.r > 0 && !split(A);
+}
 
 // X^T as A X's loops read it, (round_up8(width), ld): zero rows past X's width, zero columns past
 // its rows. X^T itself where it already is that (an orthonormal basis from torch.linalg.qr is
@@ -343,12 +350,14 @@ at::Tensor new_moment_matmul(const NewMoment& A, int64_t rows, const at::Tensor&
   if (!transposed) {
     const at::Tensor Xt = loop_layout(X, stride);
     const float* xt = Xt.data_ptr<float>();
+    std::vector<float> vhx(split(A) ? r * padded_width : 0);        // Vh X, for a split moment
+    if (split(A)) MLORC_ROWS(row_dots)(A.old.vh, r, xt, padded_width, stride, vhx.data());
     at::Tensor out = at::empty({rows, width}, X.options());
     float* o = out.data_ptr<float>();
     const auto product = MLORC_ROWS(product_rows);
     const int64_t row_buffer = buffered(A, width) ? 2 * stride : 0;
     for_row_blocks(rows, cols, 2 * r + row_buffer, [&](int64_t, int64_t begin, int64_t end, float* w) {
-      product(A, xt, width, begin, end, o, w, w + 2 * r);
+      product(A, xt, vhx.data(), width, begin, end, o, w, w + 2 * r);
     });
     return out;
   }
@@ -361,21 +370,28 @@ at::Tensor new_moment_matmul(const NewMoment& A, int64_t rows, const at::Tensor&
   // each range holds at least one block (parts <= blocks), whose rows write its partial first (so
   // it needs no zeros)
   const std::unique_ptr<float[]> partial(new float[parts * padded_width * stride]);
+  // and, of a split moment, its (U s)^T X: (r, padded_width) a range, summed from zero
+  std::vector<float> usx(split(A) ? parts * r * padded_width : 0, 0.f);
   const auto accumulate = MLORC_ROWS(accumulate_rows);
   parallel_for_matrix(parts, blocks, [&](int64_t first, int64_t last) {
     std::vector<float> w(kRowBlock * std::max<int64_t>(r, 1));
     for (int64_t q = first; q < last; ++q) {
       const int64_t begin = q * blocks / parts * b, end = std::min(rows, (q + 1) * blocks / parts * b);
-      accumulate(A, x, width, begin, end, partial.get() + q * padded_width * stride, w.data());
+      accumulate(A, x, width, begin, end, partial.get() + q * padded_width * stride,
+                 usx.data() + (split(A) ? q * r * padded_width : 0), w.data());
     }
   });
-  // the partials' sum, added in range order whichever thread ran which range (into the first one,
-  // along its rows: contiguous adds), then transposed
-  const int64_t size = padded_width * stride;
+  // the partials' sums, added in range order whichever thread ran which range (into the first
+  // one, along its rows: contiguous adds), then transposed
+  const auto add_ranges = [parts](float* first, int64_t size) {
+    for (int64_t q = 1; q < parts; ++q)
+      for (int64_t e = 0; e < size; ++e) first[e] += first[q * size + e];
+  };
   float* total = partial.get();
-  for (int64_t q = 1; q < parts; ++q) {
-    const float* part = partial.get() + q * size;
-    for (int64_t e = 0; e < size; ++e) total[e] += part[e];
+  add_ranges(total, padded_width * stride);
+  if (split(A)) {
+    add_ranges(usx.data(), r * padded_width);
+    MLORC_ROWS(add_factors_parts)(A, total, width, usx.data());
   }
   at::Tensor out = at::empty({cols, width}, X.options());
   float* o = out.data_ptr<float>();
@@ -384,10 +400,6 @@ at::Tensor new_moment_matmul(const NewMoment& A, int64_t rows, const at::Tensor&
   return out;
 }
 
-// From this rank on, a first moment's product leaves out the rebuild (below); for fewer terms the
-// rebuild costs less than the two extra BLAS calls (measured with bench/cpu_products.py)
-constexpr int64_t kSplitRank = 8;
-
 at::Tensor moment_matmul_cpu(const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh,
                              const at::Tensor& grad, double beta, bool squared,
                              const c10::optional<at::Tensor>& shift, const at::Tensor& X,
@@ -395,17 +407,6 @@ at::Tensor moment_matmul_cpu(const at::Tensor& U, const at::Tensor& s, const at:
   check_moment_matmul_args(U, s, Vh, grad, shift, X, transposed);
   const int64_t rows = U.size(0), cols = Vh.size(1);
   const bool repair = shift.has_value();
-  if (!squared && !repair && s.size(0) >= kSplitRank) {
-    // a first moment is linear in its parts: A X = beta (U s) (Vh X) + (1 - beta) g X. The row loops
-    // then multiply g alone (a NewMoment without old factors, and beta 0, is g itself): r fewer
-    // multiply-adds an entry, for two thin BLAS products (r wide)
-    const at::Tensor none = at::zeros({0, round_up16(cols)}, U.options());
-    const NewMoment G{Factors(U.narrow(1, 0, 0), s.narrow(0, 0, 0), none), grad.data_ptr<float>(), cols,
-                      0.f, 0.f, false, false};
-    const at::Tensor gX = new_moment_matmul(G, rows, X, transposed), Us = U * s;
-    return transposed ? at::addmm(gX, Vh.t(), at::mm(Us.t(), X), 1.0 - beta, beta)
-                      : at::addmm(gX, Us, at::mm(Vh, X), 1.0 - beta, beta);
-  }
   const at::Tensor vh = padded(Vh);
   const NewMoment A{Factors(U, s, vh), grad.data_ptr<float>(), cols, float(beta),
                     repair ? shift->item<float>() : 0.f, squared, repair};
