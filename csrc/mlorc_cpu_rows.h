@@ -99,6 +99,10 @@ void lion_rows(const LionArgs args, const Factors& m_old, int64_t begin, int64_t
 // ---------------------------------------------------------------------------------------------------
 // moment_matmul's loops
 
+// Whether the loops for a kind of moment split it (split() in mlorc_ops.cpp: a first moment)
+template <bool kSquared, bool kRepair>
+constexpr bool kSplit = !kSquared && !kRepair;
+
 // columns [j, j + kVecLanes) of row i of the new moment A: [M1] from the weights w, [M2] if repair,
 // [M3]; the same expressions as lowrank_entry and moment_entry, so the entries equal what an update
 // pass sees. Of a split first moment, only g's part: the chunk of g
@@ -110,7 +114,7 @@ __attribute__((always_inline)) inline Vec moment_chunk(const NewMoment& A, const
     g = load_vec(gi + j);
   else if (j < A.cols)          // the row's last, partial chunk; chunks wholly in the padding have g = 0
     std::memcpy(&g, gi + j, (A.cols - j) * sizeof(float));
-  if (!kSquared && !kRepair) return g;      // split (see split()): the loops add the factors' part
+  if (kSplit<kSquared, kRepair>) return g;     // the loops add the factors' part
   Vec old = lowrank_chunk(A.old, w, j);
   const Vec zero = {};
   if (kRepair) old = old < zero ? zero + A.shift : old;
@@ -183,7 +187,6 @@ __attribute__((always_inline)) inline void product_rows_impl(const NewMoment& A,
                                                              const float* vhx, int64_t width,
                                                              int64_t begin, int64_t end, float* out,
                                                              float* w, float* rows) {
-  constexpr bool kSplit = !kSquared && !kRepair;
   const int64_t padded_width = round_up8(width);
   float *w0 = w, *w1 = w + A.old.r, *row0 = rows, *row1 = rows + A.old.stride;
   for (int64_t i = begin; i < end; i += 2) {
@@ -226,7 +229,7 @@ __attribute__((always_inline)) inline void product_rows_impl(const NewMoment& A,
       }
       float total[2 * kWidthBlock];
       lane_totals(sum, total);
-      if (kSplit) {
+      if (kSplit<kSquared, kRepair>) {
         add_factors_part(A, total, kWidthBlock, w0, 1, vhx + q0, padded_width);
         add_factors_part(A, total + kWidthBlock, kWidthBlock, w1, 1, vhx + q0, padded_width);
       }
@@ -252,7 +255,6 @@ __attribute__((always_inline)) inline void accumulate_rows_impl(const NewMoment&
                                                                 int64_t width, int64_t begin,
                                                                 int64_t end, float* out, float* usx,
                                                                 float* w) {
-  constexpr bool kSplit = !kSquared && !kRepair;
   const int64_t x_stride = round_up8(width);
   Vec chunk[kRowBlock];
   for (int64_t first = begin; first < end; first += kRowBlock) {
@@ -260,7 +262,7 @@ __attribute__((always_inline)) inline void accumulate_rows_impl(const NewMoment&
     for (int64_t i = first; i < last; ++i) {
       float* wi = w + (i - first) * A.old.r;
       A.old.weights(i, wi);
-      if (kSplit)                           // (U s)^T X, row by row
+      if (kSplit<kSquared, kRepair>)        // (U s)^T X, row by row
         for (int64_t k = 0; k < A.old.r; ++k)
           for (int64_t q = 0; q < x_stride; ++q) usx[k * x_stride + q] += wi[k] * X[i * x_stride + q];
     }

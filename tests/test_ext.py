@@ -144,7 +144,8 @@ def _test_moment_matmul(ops, device):
     takes them in pairs), one row, widths that are not a multiple of the CPU's 16 lanes, and (CUDA)
     more rows than one 4M-entry chunk; X 6, 8, 11 and 20 wide (the CPU holds sums for 8 columns of X
     at a time, and rebuilds a row once for all of them where X is wider), the last with 17 factor
-    terms; X row-major (as rsvd's Omega) and column-major (as its Q from torch.linalg.qr); where the
+    terms; first moments, whose products are split (g X in the row loops, the factors' part beside
+    them), and second moments, rebuilt and repaired in them; X row-major (as rsvd's Omega) and column-major (as its Q from torch.linalg.qr); where the
     width is a multiple of 8 the CPU reads X in place in one layout (X^T for A X, if the columns are
     also a multiple of 16; X for A^T X) and copies it in the other."""
     shapes = [(12, 10), (300, 100), (5000, 64), (40, 33), (7, 50), (1, 20)]
