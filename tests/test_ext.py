@@ -135,10 +135,11 @@ def _test_update_ops(ops, device):
 
 
 def _test_moment_matmul(ops, device):
-    """Both products sum the same terms in another order (rows in groups and lanes, or chunks; BLAS),
-    so each result differs by rounding relative to the sum of the terms' magnitudes, |A| @ |X|:
-    measured at most 2.4e-7 of it (4 u, u = 6e-8), bounded by about sqrt(n) u = 4e-6 for n = 5000
-    terms. 1e-5 of it still catches a wrong block, beta or repair, which moves results by
+    """Both products sum the same terms in another order (rows in groups and lanes, or chunks; BLAS;
+    a first moment's split sums g's terms and its factors' terms apart), so each result differs by
+    rounding relative to the sum of the terms' magnitudes, |A| @ |X|: measured against a float64
+    product, at most 2.1e-6 of it (a first moment's A^T X over 5000 rows) and 3.2e-7 otherwise,
+    bounded by about sqrt(n) u = 4e-6 for n = 5000 terms (u = 6e-8). 1e-5 of it still catches a wrong block, beta or repair, which moves results by
     ~1 / sqrt(n) = 1e-2 of it or more. Shapes: one block of rows, a few with a short last one, more
     than the 8 ranges the CPU's transposed product sums separately, an odd number of rows (the CPU
     takes them in pairs), one row, widths that are not a multiple of the CPU's 16 lanes, and (CUDA)
