@@ -139,16 +139,17 @@ def _test_moment_matmul(ops, device):
     a first moment's split sums g's terms and its factors' terms apart), so each result differs by
     rounding relative to the sum of the terms' magnitudes, |A| @ |X|: measured against a float64
     product, at most 2.1e-6 of it (a first moment's A^T X over 5000 rows) and 3.2e-7 otherwise,
-    bounded by about sqrt(n) u = 4e-6 for n = 5000 terms (u = 6e-8). 1e-5 of it still catches a wrong block, beta or repair, which moves results by
-    ~1 / sqrt(n) = 1e-2 of it or more. Shapes: one block of rows, a few with a short last one, more
-    than the 8 ranges the CPU's transposed product sums separately, an odd number of rows (the CPU
-    takes them in pairs), one row, widths that are not a multiple of the CPU's 16 lanes, and (CUDA)
-    more rows than one 4M-entry chunk; X 6, 8, 11 and 20 wide (the CPU holds sums for 8 columns of X
-    at a time, and rebuilds a row once for all of them where X is wider), the last with 17 factor
-    terms; first moments, whose products are split (g X in the row loops, the factors' part beside
-    them), and second moments, rebuilt and repaired in them; X row-major (as rsvd's Omega) and column-major (as its Q from torch.linalg.qr); where the
-    width is a multiple of 8 the CPU reads X in place in one layout (X^T for A X, if the columns are
-    also a multiple of 16; X for A^T X) and copies it in the other."""
+    bounded by about sqrt(n) u = 4e-6 for n = 5000 terms (u = 6e-8). 1e-5 of it still catches a
+    wrong block, beta or repair, which moves results by ~1 / sqrt(n) = 1e-2 of it or more. Shapes:
+    one block of rows, a few with a short last one, more than the 8 ranges the CPU's transposed
+    product sums separately, an odd number of rows (the CPU takes them in pairs), one row, widths
+    that are not a multiple of the CPU's 16 lanes, and (CUDA) more rows than one 4M-entry chunk; X
+    6, 8, 11 and 20 wide (the CPU holds sums for 8 columns of X at a time, and rebuilds a row once
+    for all of them where X is wider), the last with 17 factor terms; first moments, whose products
+    are split (g X in the row loops, the factors' part beside them), and second moments, rebuilt and
+    repaired in them; X row-major (as rsvd's Omega) and column-major (as its Q from
+    torch.linalg.qr); where the width is a multiple of 8 the CPU reads X in place in one layout (X^T
+    for A X, if the columns are also a multiple of 16; X for A^T X) and copies it in the other."""
     shapes = [(12, 10), (300, 100), (5000, 64), (40, 33), (7, 50), (1, 20)]
     shapes += [(70000, 65)] if device == "cuda" else []
     for (rows, cols), (width, r) in itertools.product(shapes, [(6, 4), (8, 4), (11, 4), (20, 17)]):
