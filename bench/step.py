@@ -2,6 +2,7 @@
 
     python bench/step.py                          # CPU-sized LLaMA shapes on the CPU
     python bench/step.py --preset tinyllama --device cuda
+    python bench/step.py --only "torch,r=4 ext" --profile "MLorc_AdamW r=4 ext"   # where its time goes
 
 Each optimizer gets the same parameters and the same fixed random gradients, and keeps its state
 for the whole run. The first steps (lazy state init, warm-up) are not timed; the timed steps take
@@ -86,6 +87,8 @@ def main():
     parser.add_argument("--steps", type=int, default=5, help="timed steps per optimizer")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--only", default="", help="comma-separated substrings of optimizer names")
+    parser.add_argument("--profile", default="", help="an optimizer's name: also print where its step's "
+                        "time goes (torch.profiler, 3 steps)")
     args = parser.parse_args()
 
     dtype = getattr(torch, args.dtype)
@@ -137,6 +140,24 @@ def main():
     print(f"(step peak extra: bytes the step allocates and holds at once, beyond parameters, gradients "
           f"and state, in units of the largest matrix in fp32, {largest / 2**20:.0f} MiB)")
     print(thin_product_rate(params, args.rank + 4, cuda))
+    for run in runs:
+        if run["name"] == args.profile:
+            os.environ["MLORC_EXTENSION"] = run["extension"]
+            print(f"\n{run['name']}: 3 steps under torch.profiler\n" + step_profile(run["opt"], cuda))
+
+
+def step_profile(opt, cuda, steps=3):
+    """The operators that take an optimizer's step time, by self time, from torch.profiler (which
+    slows the step a little: read the shares, not the times)."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            opt.step()
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=12)
 
 
 def thin_product_rate(params, width, cuda):
