@@ -324,7 +324,7 @@ void accumulate_rows(const NewMoment& A, const float* X, int64_t width, int64_t 
 
 // The split's A^T X, transposed, from g's part of it in total (round_up8(width), stride) and (U s)^T X
 // in usx (r, round_up8(width)): each row c of total gets the factors' part Vh^T (U s)^T X[:, c]
-void add_factors_parts(const NewMoment& A, float* total, int64_t width, const float* usx) {
+void add_transposed_factors_part(const NewMoment& A, float* total, int64_t width, const float* usx) {
   for (int64_t c = 0; c < width; ++c)
     add_factors_part(A, total + c * A.old.stride, A.old.stride, usx + c, round_up8(width), A.old.vh,
                      A.old.stride);

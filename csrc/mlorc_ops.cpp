@@ -167,9 +167,7 @@ inline bool split(const NewMoment& A) { return !A.squared && !A.repair; }
 // Whether moment_matmul's row loops rebuild the rows of A once into a buffer and read them back for
 // every 8 columns of X, instead of rebuilding them in registers for each: where X is wider than 8
 // and there is a rebuild to save (a split first moment has none)
-inline bool buffered(const NewMoment& A, int64_t width) {
-  return width > kWidthBlock && A.old.r > 0 && !split(A);
-}
+inline bool buffered(const NewMoment& A, int64_t width) { return width > kWidthBlock && !split(A); }
 
 // X^T as A X's loops read it, (round_up8(width), ld): zero rows past X's width, zero columns past
 // its rows. X^T itself where it already is that (an orthonormal basis from torch.linalg.qr is
@@ -350,7 +348,7 @@ at::Tensor new_moment_matmul(const NewMoment& A, int64_t rows, const at::Tensor&
   if (!transposed) {
     const at::Tensor Xt = loop_layout(X, stride);
     const float* xt = Xt.data_ptr<float>();
-    std::vector<float> vhx(split(A) ? r * padded_width : 0);        // Vh X, for a split moment
+    std::vector<float> vhx(r * padded_width);                      // Vh X, for a split moment
     if (split(A)) MLORC_ROWS(row_dots)(A.old.vh, r, xt, padded_width, stride, vhx.data());
     at::Tensor out = at::empty({rows, width}, X.options());
     float* o = out.data_ptr<float>();
@@ -371,14 +369,14 @@ at::Tensor new_moment_matmul(const NewMoment& A, int64_t rows, const at::Tensor&
   // it needs no zeros)
   const std::unique_ptr<float[]> partial(new float[parts * padded_width * stride]);
   // and, of a split moment, its (U s)^T X: (r, padded_width) a range, summed from zero
-  std::vector<float> usx(split(A) ? parts * r * padded_width : 0, 0.f);
+  std::vector<float> usx(parts * r * padded_width, 0.f);
   const auto accumulate = MLORC_ROWS(accumulate_rows);
   parallel_for_matrix(parts, blocks, [&](int64_t first, int64_t last) {
-    std::vector<float> w(kRowBlock * std::max<int64_t>(r, 1));
+    std::vector<float> w(kRowBlock * r);
     for (int64_t q = first; q < last; ++q) {
       const int64_t begin = q * blocks / parts * b, end = std::min(rows, (q + 1) * blocks / parts * b);
       accumulate(A, x, width, begin, end, partial.get() + q * padded_width * stride,
-                 usx.data() + (split(A) ? q * r * padded_width : 0), w.data());
+                 usx.data() + q * r * padded_width, w.data());
     }
   });
   // the partials' sums, added in range order whichever thread ran which range (into the first
@@ -391,7 +389,7 @@ at::Tensor new_moment_matmul(const NewMoment& A, int64_t rows, const at::Tensor&
   add_ranges(total, padded_width * stride);
   if (split(A)) {
     add_ranges(usx.data(), r * padded_width);
-    MLORC_ROWS(add_factors_parts)(A, total, width, usx.data());
+    MLORC_ROWS(add_transposed_factors_part)(A, total, width, usx.data());
   }
   at::Tensor out = at::empty({cols, width}, X.options());
   float* o = out.data_ptr<float>();
