@@ -8,6 +8,8 @@ so parameters are compared to a tolerance of fp32 rounding amplified by the step
 """
 
 import datetime
+import os
+import sys
 
 import pytest
 import torch
@@ -52,6 +54,12 @@ def worker(rank, world, name, out):
                 "state": opt.state_dict()}, f"{out}/rank{rank}.pt")
     dist.barrier()                            # no rank tears gloo down under another's feet
     dist.destroy_process_group()
+    # Shown if the test fails: whether a worker that died got this far. On the 2-core CI machine a
+    # worker has aborted twice in about ten runs ("terminate called without an active exception",
+    # SIGABRT, inside torch or gloo), never in ~60 local runs; where and why is not known yet. The
+    # worker leaves without the interpreter's teardown, which has nothing left to do for the test.
+    print(f"rank {rank}: trained, saved, process group destroyed", file=sys.stderr, flush=True)
+    os._exit(0)
 
 
 @pytest.mark.parametrize("name", VARIANTS)
