@@ -57,6 +57,10 @@ Usage:
         opt.step()
         opt.zero_grad()
 
+The optional C++ extension in csrc/ (when it sits beside this file) is built on the first step with
+torch's cpp_extension: about 25 s on 2 CPU cores, once (cached in TORCH_EXTENSIONS_DIR). MLORC_EXTENSION=0
+turns it off; mlorc.py copied alone runs in pure PyTorch, with no warning.
+
 Each matrix needs its own SVD: the pipeline below runs one parameter at a time ([M1]-[M6] in
 _prepare, [M4] and [M7] in _finish), and step() hands _finish batches of same-shape matrices so that
 their randomized SVDs run as a few batched calls (each matrix still draws from its own generator, so
@@ -1093,7 +1097,8 @@ def load_extension():
     """Register the torch.ops.mlorc operators: from the library setup.py built ahead of time if there
     is one, else by building csrc/ with torch's cpp_extension (ninja; cached, so only the first use
     compiles). MLORC_EXTENSION=0: never; =1: required (a failed build raises with the compiler's
-    output); unset: used when it builds, else one warning and pure PyTorch. The .cu kernels are
+    output); unset: used when it builds, else one warning and pure PyTorch. No csrc/ beside this
+    file (mlorc.py copied alone) is not a failure: pure PyTorch, silently. The .cu kernels are
     compiled only when torch has CUDA and cuda_kernels_wanted()."""
     mode = os.environ.get("MLORC_EXTENSION", "")
     if mode == "0":
@@ -1102,8 +1107,11 @@ def load_extension():
         from torch.utils import cpp_extension
         with_cuda = (torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
                      and cuda_kernels_wanted())
+        prebuilt = prebuilt_extension()
+        if prebuilt is None and not os.path.exists(extension_sources(False)[0]) and mode != "1":
+            _extension["loaded"] = False          # mlorc.py copied alone: pure PyTorch, nothing to report
+            return False
         try:
-            prebuilt = prebuilt_extension()
             if prebuilt is not None:
                 torch.ops.load_library(prebuilt)
             else:
@@ -1112,7 +1120,7 @@ def load_extension():
                                    extra_cuda_cflags=CUDA_FLAGS,
                                    is_python_module=False)
             _extension["loaded"] = True
-        except Exception as error:                # compiler missing, build error, no csrc/ beside us
+        except Exception as error:                # compiler or ninja missing, build error
             if mode == "1":
                 raise RuntimeError(f"MLORC_EXTENSION=1 but the extension did not build: {error}") from error
             warnings.warn(f"mlorc: the C++ extension is unavailable, using pure PyTorch ({error})")

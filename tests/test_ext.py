@@ -564,3 +564,25 @@ def test_cuda_parameters_take_the_pure_path_until_the_kernels_are_verified(monke
     monkeypatch.setenv("MLORC_EXTENSION", "1")                  # asked for: checked, and used if it passes
     monkeypatch.setattr(mlorc, "extension_problem", lambda device: None)
     assert mlorc.extension_ready(torch.device("cuda")) is True
+
+
+def test_mlorc_py_copied_alone_trains_without_a_warning(tmp_path):
+    """The main way the module is used: copied into a project without csrc/. Every optimizer steps in
+    pure PyTorch and nothing is reported (a csrc/ that fails to build is still reported, above)."""
+    shutil.copy(REPO / "mlorc.py", tmp_path)
+    script = ("import torch, mlorc\n"
+              "for cls in (mlorc.MLorc_AdamW, mlorc.MLorc_Lion, mlorc.MLorc_Prodigy, mlorc.MLorc_DAdapt_Lion,\n"
+              "            mlorc.MLorc_Adopt, mlorc.MLorc_CAME):\n"
+              "    p = torch.nn.Parameter(torch.ones(6, 5))\n"
+              "    opt = cls([p], rank=2)\n"
+              "    for _ in range(2):\n"
+              "        p.grad = torch.full((6, 5), 0.5)\n"
+              "        opt.step()\n"
+              "    assert not torch.equal(p, torch.ones(6, 5)), cls\n"
+              "assert not mlorc.extension_loaded()\n")
+    env = {k: v for k, v in os.environ.items() if k != "MLORC_EXTENSION"}
+    env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "ext")
+    result = subprocess.run([sys.executable, "-W", "error", "-c", script], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""

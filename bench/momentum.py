@@ -1,0 +1,146 @@
+"""What MLorc's compression keeps of Adam's momentum and update, along real fine-tuning runs.
+
+Each run fine-tunes a task of bench/quality.py with MLorc_AdamW (rank --rank, weight decay 0, the
+task's cosine schedule) under one sketch, and keeps beside it a dense shadow of Adam's moments fed
+the same gradients (the gradients of MLorc's own trajectory). At every step, over all matrices
+together, it compares what MLorc used with what dense Adam would have used from the same gradients:
+  m cos, m norm    the momentum m_t of [M3] that the update used, against the shadow's dense m_t:
+                   cosine, and norm ratio ||m_t|| / ||dense m_t||
+  u cos, u norm    MLorc's update direction d_t (the weights' change / lr) against dense Adam's
+                   m_hat / (sqrt(v_hat) + eps): cosine and norm ratio
+  sum u cos, norm  the same for the sums of the updates over steps 1..t: where the run has moved
+                   the weights, against where dense Adam's steps from these gradients add up to
+Sketches (--sketches): r+p oversampling and q power iterations as "p{p}q{q}"; "exact" (the optimal
+rank-r truncation: an exact SVD); "fixed" (p0q0 with the same Gaussian Omega at every step of a
+parameter, a fixed random subspace instead of a fresh one).
+
+    python bench/momentum.py --task tinygpt --lr 3e-3 --plot momentum.png
+"""
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import quality                                                   # noqa: E402
+from quality import mlorc                                        # noqa: E402
+
+
+def sketch_options(name):
+    """MLorc_AdamW keyword arguments of a sketch name, and whether its Omega is fixed over steps."""
+    if name == "exact":
+        return dict(oversampling=10**6, power_iters=0), False     # r + p >= min(m, n): exact SVD
+    if name == "fixed":
+        return dict(oversampling=0, power_iters=0), True
+    over, iters = name[1:].split("q")
+    return dict(oversampling=int(over), power_iters=int(iters)), False
+
+
+def cosine_and_ratio(a, b):
+    return (torch.dot(a, b) / (a.norm() * b.norm()).clamp(min=1e-30)).item(), (a.norm() / b.norm()).item()
+
+
+def track(task, sketch, lr, rank, seed=0):
+    """Per-step metrics (see the module docstring) of one run, and its final held-out loss."""
+    options, fixed = sketch_options(sketch)
+    torch.manual_seed(seed)
+    model = task.model(seed)
+    model.train()
+    opt = mlorc.MLorc_AdamW(model.parameters(), lr=lr, weight_decay=0.0, rank=rank, seed=seed, **options)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: quality.cosine(s, task.steps))
+    (b1, b2), eps = opt.defaults["betas"], opt.defaults["eps"]
+    matrices = [p for p in model.parameters() if p.ndim >= 2]
+    dense = {p: (torch.zeros_like(p), torch.zeros_like(p)) for p in matrices}
+    sums = {p: (torch.zeros_like(p), torch.zeros_like(p)) for p in matrices}
+    original = mlorc.sketch_generator
+    if fixed:                                                     # the same Omega at every step
+        mlorc.sketch_generator = lambda s, index, step, device: original(s, index, 0, device)
+    rows = []
+    try:
+        for t, batch in enumerate(task.batches(seed), 1):
+            loss = task.loss(model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            before = {}
+            for p in matrices:
+                state = opt.state[p]
+                m_old = mlorc.load_moment(state, "exp_avg", p.shape) if state else torch.zeros_like(p)
+                before[p] = (p.detach().clone(), m_old.clone())
+            step_lr = opt.param_groups[0]["lr"]
+            opt.step()
+            sched.step()
+            used_m, dense_m, used_u, dense_u = [], [], [], []
+            with torch.no_grad():
+                for p in matrices:
+                    g, (p_old, m_old), (m_d, v_d) = p.grad, before[p], dense[p]
+                    m_d.lerp_(g, 1 - b1)
+                    v_d.mul_(b2).addcmul_(g, g, value=1 - b2)
+                    u = (p_old - p) / step_lr                     # weight decay 0: the direction d_t
+                    u_d = (m_d / (1 - b1 ** t)) / ((v_d / (1 - b2 ** t)).sqrt() + eps)
+                    sums[p][0].add_(u)
+                    sums[p][1].add_(u_d)
+                    used_m.append((b1 * m_old + (1 - b1) * g).flatten())
+                    dense_m.append(m_d.flatten().clone())
+                    used_u.append(u.flatten())
+                    dense_u.append(u_d.flatten())
+            m_cos, m_norm = cosine_and_ratio(torch.cat(used_m), torch.cat(dense_m))
+            u_cos, u_norm = cosine_and_ratio(torch.cat(used_u), torch.cat(dense_u))
+            s_cos, s_norm = cosine_and_ratio(torch.cat([s[0].flatten() for s in sums.values()]),
+                                             torch.cat([s[1].flatten() for s in sums.values()]))
+            rows.append(dict(step=t, m_cos=m_cos, m_norm=m_norm, u_cos=u_cos, u_norm=u_norm,
+                             sum_cos=s_cos, sum_norm=s_norm))
+    finally:
+        mlorc.sketch_generator = original
+    model.eval()
+    with torch.no_grad():
+        final = task.eval_loss(model)
+    return rows, final
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--task", choices=quality.TASKS, default="tinygpt")
+    ap.add_argument("--sketches", default="p0q0,fixed,p4q1,exact")
+    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", default=os.path.join(HERE, ".cache"))
+    ap.add_argument("--plot", default="", help="PNG path of the curves ('' for none)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    os.makedirs(args.cache, exist_ok=True)
+    task = quality.TASKS[args.task](args.cache)
+    runs = {name: track(task, name, args.lr, args.rank, args.seed) for name in args.sketches.split(",")}
+    print(f"{args.task}, MLorc_AdamW rank {args.rank}, lr {args.lr:g}, seed {args.seed}: means over steps "
+          f"(m, u) and at the last step (sum u)")
+    print("| sketch | m cos | m norm | u cos | u norm | sum u cos | sum u norm | held-out loss |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, (rows, final) in runs.items():
+        mean = {k: statistics.mean(r[k] for r in rows) for k in ("m_cos", "m_norm", "u_cos", "u_norm")}
+        print(f"| {name} | {mean['m_cos']:.3f} | {mean['m_norm']:.3f} | {mean['u_cos']:.3f} | "
+              f"{mean['u_norm']:.3f} | {rows[-1]['sum_cos']:.3f} | {rows[-1]['sum_norm']:.3f} | {final:.4f} |")
+    if args.plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        keys = [("m_cos", "cos(m, dense m)"), ("m_norm", "|m| / |dense m|"), ("u_cos", "cos(d, dense d)"),
+                ("sum_cos", "cos(sum d, sum dense d)")]
+        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4))
+        for ax, (key, title) in zip(axes, keys):
+            for name, (rows, _) in runs.items():
+                ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=name)
+            ax.set(title=title, xlabel="step")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"{args.task}: MLorc_AdamW rank {args.rank}, lr {args.lr:g}, against dense Adam on "
+                     "the same gradients", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
