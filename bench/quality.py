@@ -18,7 +18,9 @@ warm-up, one CPU thread.
 
 Configurations (--configs, comma-separated): "adamw" (torch.optim.AdamW) and "r{rank}p{over}q{iters}",
 MLorc_AdamW with rank, oversampling and power_iters, e.g. r4p0q1; "grid" is adamw and
-r{4,16} x p{0,2,4} x q{0,1}. An extra "+name" picks an option (see OPTIONS).
+r{4,16} x p{0,2,4} x q{0,1}. A suffix "+name" picks a candidate option (OPTIONS): "+factoredv"
+(Adafactor's factored v, m alone compressed) or "+warm" (the sketch warm-started from the previous
+right factors; run with MLORC_EXTENSION=0).
 
 Learning rates: each configuration is swept on seed 0 over --lrs (extended by factors of 3 while the
 best lr is at an end of the sweep), then the other seeds run at the best lr. Results are appended to
@@ -53,7 +55,71 @@ sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 import mlorc                                                     # noqa: E402
 
 WEIGHT_DECAY, WARMUP = 0.01, 0.1
-OPTIONS = {}       # "+name" suffixes of a configuration -> extra MLorc_AdamW keyword arguments
+
+
+# ----------------------------------------------------------------------------------------------------
+# Candidate options, measured here before any of them goes into mlorc.py (configurations "+name")
+
+class FactoredSecondMoment(mlorc.MLorc_AdamW):
+    """MLorc_AdamW with Adafactor's factored v (arXiv 1804.04235) for matrices: exponential averages
+    of the row and column means of g * g, v ~ row col^T / mean(row): m + n numbers, always positive,
+    so no [M2] repair and no products of v in [M4]. Its saved memory pays for a higher-rank m (at
+    rank 4's memory, m can have rank 7). Vectors keep dense v."""
+    moments = ("exp_avg",)
+    second_moments = ()
+
+    def _init_extra(self, p, group, shards):
+        if p.ndim < 2:
+            return {"exp_avg_sq": torch.zeros_like(p, dtype=torch.float32)}
+        rows, cols = mlorc.matrix_shape(p)
+        return {"exp_avg_sq_row": p.new_zeros(rows), "exp_avg_sq_col": p.new_zeros(cols)}
+
+    def _direction(self, p, g, prev, state, group, step, shards):
+        b1, b2 = group["betas"]
+        m = prev["exp_avg"].lerp(g, 1 - b1)                                                # [M3]
+        if p.ndim < 2:
+            v = state["exp_avg_sq"] * b2 + g * g * (1 - b2)
+            new = {"exp_avg_sq": v}
+        else:
+            sq = (g * g).reshape(mlorc.matrix_shape(p))
+            row = state["exp_avg_sq_row"] * b2 + sq.mean(1) * (1 - b2)
+            col = state["exp_avg_sq_col"] * b2 + sq.mean(0) * (1 - b2)
+            v = (row[:, None] * col[None, :] / row.mean().clamp(min=1e-30)).view_as(g)
+            new = {"exp_avg_sq_row": row, "exp_avg_sq_col": col}
+        d = mlorc.adamw_direction(m, v, step, group["betas"], group["eps"], group["use_atan2"])
+        return d, group["lr"], {"exp_avg": m, **new}
+
+
+class WarmStartSketch(mlorc.MLorc_AdamW):
+    """MLorc_AdamW whose [M4] sketch starts from the previous step's right factors (as PowerSGD does):
+    Omega = [Vh_prev^T, `oversampling` fresh Gaussian columns] instead of r + p fresh ones. Pure
+    PyTorch only (run with MLORC_EXTENSION=0)."""
+
+    def _finish(self, batch, group):
+        batch = [w for w in batch if w is not None]
+        queue = [[w["state"].get(name + "_Vh") for w in batch if name in w["new"]
+                  and name + "_U" in w["state"]] for name in self.moments]
+        original = mlorc.gaussian_sketch
+
+        def warm(generators, n, width, like):               # called once per moment, in order
+            fresh = original(generators, n, width, like)
+            previous = queue.pop(0)
+            for i, Vh in enumerate(previous):
+                if Vh is not None and Vh.abs().sum() > 0:
+                    fresh[i, :, :Vh.shape[0]] = Vh.mT
+            return fresh
+
+        mlorc.gaussian_sketch = warm
+        try:
+            super()._finish(batch, group)
+        finally:
+            mlorc.gaussian_sketch = original
+
+
+OPTIONS = {        # "+name" suffixes of a configuration -> (class, extra keyword arguments)
+    "factoredv": (FactoredSecondMoment, {}),
+    "warm": (WarmStartSketch, {}),
+}
 
 
 def cosine(step, steps):
@@ -263,23 +329,23 @@ TASKS = {"llama": LlamaTask, "tinygpt": TinyGPTTask, "encoder": EncoderTask}
 def parse_config(name):
     """'adamw' or 'r4p0q1[+option...]' -> (None or (rank, oversampling, power_iters), extra kwargs)."""
     base, *options = name.split("+")
-    extra = {}
+    cls, extra = mlorc.MLorc_AdamW, {}
     for option in options:
-        extra.update(OPTIONS[option])
+        cls, kwargs = OPTIONS[option]
+        extra.update(kwargs)
     if base == "adamw":
-        return None, extra
+        return None, cls, extra
     rank, rest = base[1:].split("p")
     over, iters = rest.split("q")
-    return (int(rank), int(over), int(iters)), extra
+    return (int(rank), int(over), int(iters)), cls, extra
 
 
 def make_optimizer(config, model, lr, seed):
-    sketch, extra = parse_config(config)
+    sketch, cls, extra = parse_config(config)
     groups = mlorc.finetune_param_groups(model, WEIGHT_DECAY, rank=sketch[0] if sketch else None)
     if sketch is None:
         return torch.optim.AdamW([{k: v for k, v in g.items() if k != "rank"} for g in groups], lr=lr)
-    return mlorc.MLorc_AdamW(groups, lr=lr, oversampling=sketch[1], power_iters=sketch[2], seed=seed,
-                             **extra)
+    return cls(groups, lr=lr, oversampling=sketch[1], power_iters=sketch[2], seed=seed, **extra)
 
 
 def run(task, config, lr, seed):
