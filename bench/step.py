@@ -62,19 +62,21 @@ def step_peak(opt, cuda):
     return peak
 
 
-def make_optimizers(device, rank):
-    """name -> (constructor, MLORC_EXTENSION value while it steps)."""
+def make_optimizers(device, rank, sketches):
+    """name -> (constructor, MLORC_EXTENSION value while it steps). MLorc_AdamW runs with its default
+    sketch and with each of `sketches` ("p{oversampling}q{power_iters}", e.g. "p4q1")."""
     fused_ok = device.startswith("cuda")
     rows = {"torch AdamW fused" if fused_ok else "torch AdamW foreach":
             (lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True) if fused_ok
              else torch.optim.AdamW(ps, lr=1e-4, foreach=True), "0")}
     for ext, label in (("0", "pure"), ("1", "ext")):
-        rows.update({
-            f"MLorc_AdamW r={rank} {label}": (lambda ps: mlorc.MLorc_AdamW(ps, lr=1e-4, rank=rank), ext),
-            f"MLorc_AdamW r={rank} p=0 q=0 {label}": (lambda ps: mlorc.MLorc_AdamW(
-                ps, lr=1e-4, rank=rank, oversampling=0, power_iters=0), ext),
-            f"MLorc_Lion r={rank} {label}": (lambda ps: mlorc.MLorc_Lion(ps, lr=1e-5, rank=rank), ext),
-        })
+        rows[f"MLorc_AdamW r={rank} {label}"] = (lambda ps: mlorc.MLorc_AdamW(ps, lr=1e-4, rank=rank), ext)
+        for sketch in filter(None, sketches.split(",")):
+            over, iters = (int(x) for x in sketch[1:].split("q"))
+            make = (lambda ps, over=over, iters=iters:
+                    mlorc.MLorc_AdamW(ps, lr=1e-4, rank=rank, oversampling=over, power_iters=iters))
+            rows[f"MLorc_AdamW r={rank} {sketch} {label}"] = (make, ext)
+        rows[f"MLorc_Lion r={rank} {label}"] = (lambda ps: mlorc.MLorc_Lion(ps, lr=1e-5, rank=rank), ext)
     return rows
 
 
@@ -86,6 +88,8 @@ def main():
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per optimizer")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--sketches", default="p4q1", help="MLorc_AdamW also with these sketches, "
+                        "comma-separated p{oversampling}q{power_iters}")
     parser.add_argument("--only", default="", help="comma-separated substrings of optimizer names")
     parser.add_argument("--profile", default="", help="an optimizer's name: also print where its step's "
                         "time goes (torch.profiler, 3 steps)")
@@ -107,7 +111,7 @@ def main():
     # Every optimizer keeps its state for the whole run, and the timed steps go round-robin: one
     # step of each in turn, so a slow patch of a shared machine slows all of them alike.
     runs = []
-    for name, (make, extension) in make_optimizers(args.device, args.rank).items():
+    for name, (make, extension) in make_optimizers(args.device, args.rank, args.sketches).items():
         if args.only and not any(s in name for s in args.only.split(",")):
             continue
         os.environ["MLORC_EXTENSION"] = extension
@@ -162,7 +166,7 @@ def step_profile(opt, cuda, steps=3):
 
 def thin_product_rate(params, width, cuda):
     """What one of [M4]'s products runs at here: the largest matrix times a width-wide matrix, the
-    kind of product that sets the floor of an MLorc step (see the README), through BLAS and, when
+    kind of product that sets the floor of an MLorc step (see BENCHMARKS.md), through BLAS and, when
     the extension is loaded, through moment_matmul (a second moment rebuilt from rank-4 factors:
     its rate counts the rebuild's 4 multiply-adds an entry too); beside them, a large square matmul:
     the rate this machine's BLAS attains at all."""
