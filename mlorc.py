@@ -461,8 +461,8 @@ class _MLorcOptimizer(torch.optim.Optimizer):
                                                            and group["clip_exponent"] >= 0):
             bad("clip_exponent", "must be >= 0, or None for no clipping")
         for arg in ("weight_decay", "eps"):
-            if arg in group and not all(e >= 0 for e in _as_tuple(group[arg])):
-                bad(arg, "must be >= 0")
+            if arg in group and not all(_is_number(e) and e >= 0 for e in _as_tuple(group[arg])):
+                bad(arg, "must be a number >= 0" if arg == "weight_decay" else "must be numbers >= 0")
         if group["rank"] is not None and (not _is_int(group["rank"]) or group["rank"] < 1):
             bad("rank", "must be an int >= 1, or None for dense moments")
         for arg in ("oversampling", "power_iters", "batch_bytes"):
@@ -470,11 +470,12 @@ class _MLorcOptimizer(torch.optim.Optimizer):
                 bad(arg, "must be an int >= 0")
         if not _is_int(group["seed"]):
             bad("seed", "must be an int")
-        if group.get("clip_threshold") is not None and not group["clip_threshold"] > 0:
+        if group.get("clip_threshold") is not None and not (_is_number(group["clip_threshold"])
+                                                             and group["clip_threshold"] > 0):
             bad("clip_threshold", "must be > 0, or None for no clipping")
         for arg in ("d0", "d_coef", "growth_rate"):
-            if arg in group and not group[arg] > 0:
-                bad(arg, "must be > 0")
+            if arg in group and not (_is_number(group[arg]) and group[arg] > 0):
+                bad(arg, "must be a number > 0")
         if "slice_p" in group and (not _is_int(group["slice_p"]) or group["slice_p"] < 1):
             bad("slice_p", "must be an int >= 1")
         if self.sign_based and group["use_grams"]:
@@ -490,6 +491,9 @@ class _MLorcOptimizer(torch.optim.Optimizer):
         params = [params] if torch.is_tensor(params) else list(params)
         self._validate_group({**self.defaults, **param_group, "params": params})
         for p in params:
+            if not p.is_floating_point() and not p.is_complex():
+                raise ValueError(f"{type(self).__name__}: parameter of shape {tuple(p.shape)} has dtype "
+                                 f"{p.dtype}; only floating-point parameters can be optimized")
             if p.is_complex():
                 raise ValueError(f"{type(self).__name__}: complex parameter of shape {tuple(p.shape)} "
                                  "is not supported; optimize torch.view_as_real(p) instead")
@@ -498,11 +502,16 @@ class _MLorcOptimizer(torch.optim.Optimizer):
         super().add_param_group({**param_group, "params": params})
         self._index = None
 
+    # A saved group that lacks an option was written before the option existed: it gets the value
+    # that reproduces the saved run. For the sketch that is the first release's (oversampling 4, one
+    # power iteration), not today's default; for the other options, their default (their absence).
+    BEFORE_OPTION = {"oversampling": 4, "power_iters": 1}
+
     def __setstate__(self, state):
         super().__setstate__(state)
         for group in self.param_groups:              # state dicts saved before an option existed
             for key, value in self.defaults.items():
-                group.setdefault(key, value)
+                group.setdefault(key, self.BEFORE_OPTION.get(key, value))
         self._index = None
         self.__dict__.setdefault("_fused_handles", [])
 

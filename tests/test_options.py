@@ -396,18 +396,20 @@ def invalid_hyperparameters(cls):
     cases += [("betas", (0.5,) * (nbetas - 1)), ("betas", (0.5,) * (nbetas + 1))]   # wrong length
     cases += [("rank", 0), ("rank", -1), ("rank", 2.0), ("rank", True),
               ("oversampling", -1), ("oversampling", 1.5), ("power_iters", -1), ("power_iters", 1.0),
-              ("weight_decay", -0.1), ("seed", 1.5), ("seed", "0"), ("seed", None)]
+              ("weight_decay", -0.1), ("seed", 1.5), ("seed", "0"), ("seed", None),
+              ("weight_decay", None), ("weight_decay", "0.01")]     # not numbers: no bare TypeError
     if cls is mlorc.MLorc_CAME:
-        cases += [("eps", (-1e-30, 1e-16)), ("eps", (1e-30, -1e-16))]
+        cases += [("eps", (-1e-30, 1e-16)), ("eps", (1e-30, -1e-16)), ("eps", ("1e-30", 1e-16))]
     elif cls not in LION:
-        cases += [("eps", -1e-8)]
+        cases += [("eps", -1e-8), ("eps", "1e-8"), ("eps", None)]
     if cls in (mlorc.MLorc_Prodigy, mlorc.MLorc_DAdapt_Lion):
         # d0 = 0 used to divide by zero in Prodigy's step and leave D-Adapt Lion's d at 0 forever
-        cases += [("slice_p", 0), ("slice_p", -1), ("slice_p", 1.5), ("d0", 0.0), ("d0", -1e-6)]
+        cases += [("slice_p", 0), ("slice_p", -1), ("slice_p", 1.5), ("d0", 0.0), ("d0", -1e-6),
+                  ("d0", "1e-6")]
     if cls is mlorc.MLorc_Prodigy:
-        cases += [("d_coef", 0.0), ("growth_rate", 0.0), ("growth_rate", -1.0)]
+        cases += [("d_coef", 0.0), ("growth_rate", 0.0), ("growth_rate", -1.0), ("d_coef", "1")]
     if cls in LION or cls is mlorc.MLorc_CAME:
-        cases += [("clip_threshold", 0.0), ("clip_threshold", -1.0)]
+        cases += [("clip_threshold", 0.0), ("clip_threshold", -1.0), ("clip_threshold", "1.0")]
     return cases
 
 
@@ -478,6 +480,20 @@ def test_invalid_after_construction_raises_before_changing_anything(cls, arg, pa
     for key, before in state.items():
         after = opt.state[p][key]
         assert torch.equal(after, before) if torch.is_tensor(before) else after == before
+
+
+@pytest.mark.parametrize("cls", ALL, ids=name)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_integer_parameters_are_rejected(cls, dtype):
+    # regression: they were accepted and every update was truncated to an integer (torch.optim
+    # refuses them too); the error names the parameter's shape and dtype, and nothing is added
+    w = torch.zeros(3, 2, dtype=dtype)
+    with pytest.raises(ValueError, match=rf"shape \(3, 2\) has dtype {dtype}"):
+        cls([w])
+    opt = cls([param()])
+    with pytest.raises(ValueError, match="floating-point"):
+        opt.add_param_group({"params": [w]})
+    assert len(opt.param_groups) == 1
 
 
 @pytest.mark.parametrize("cls", ALL, ids=name)
