@@ -22,6 +22,20 @@ optimizer's own seeded generator, Y = A Omega, optional power iterations, Q = or
 B = U~ S Vh (small SVD), U = Q U~; keep the top r. When r + p >= min(m, n) the exact thin SVD is used,
 so the factors then hold the moment exactly: this is what makes the full-rank tests exact.
 
+Which sketch ([M4]): a fresh subspace, not an accurate one. Measured along real fine-tuning runs
+against dense Adam fed the same gradients (bench/momentum.py; figures in BENCHMARKS.md): a power
+iteration keeps more of m at each step (cosine 0.70 against 0.54 on the tutorial's model), but it
+steers the kept subspace to m's top singular directions, which change slowly: about 83% of it is kept
+again at the next step, against 26-45% for a fresh Gaussian sketch with no power iteration. What lies
+outside is then dropped at every step, and the summed updates drift from dense Adam's (on the
+tutorial's model, cosine 0.56 against 0.60 fresh; one fixed random subspace, 0.41, is the worst on
+every task). A fresh subspace drops other directions each step and keeps every direction on average,
+but its steps partly cancel, so it travels less far and wants a larger lr. At each setting's best lr
+(bench/quality.py, three tasks, three seeds), no power iteration matched or beat one on every task,
+and no oversampling was best or tied: hence the defaults oversampling=0, power_iters=0, which also
+halve [M4]'s work. Accuracy helps only where m is nearly rank r, and there it measured within the
+seed spread.
+
 Memory: a dense moment of an (m, n) matrix costs m n floats; rank-r factors U (m, r), s (r), Vh (r, n)
 cost r (m + n + 1). For 4096 x 4096 at r = 4, AdamW keeps 2 * 16.8M = 33.6M floats, MLorc_AdamW keeps
 2 * 32,772 = 65.5K (about 512x less); Lion-type variants keep one moment. The transient cost is one
@@ -402,8 +416,10 @@ COMMON_DOC = """
     Low-rank options (all per param group):
         rank (int or None, default 4): rank r of the compressed moments of parameters with ndim >= 2;
             None keeps dense moments. rank >= min(m, n) keeps the moment exactly.
-        oversampling (int >= 0, default 4): extra sketch columns p of the randomized SVD.
-        power_iters (int >= 0, default 1): power iterations of the randomized SVD.
+        oversampling (int >= 0, default 0): extra sketch columns p of the randomized SVD.
+        power_iters (int >= 0, default 0): power iterations of the randomized SVD. Both make the
+            factors more accurate, which is not what training needs: they trained worse or the same
+            on real tasks (see "Which sketch" in the module docstring).
         seed (int, default 0): seed of the sketches; each parameter's step draws from a generator
             seeded by (seed, parameter index, step), so resuming from a state dict is bitwise exact
             and the global RNG is never touched.
@@ -429,7 +445,7 @@ class _MLorcOptimizer(torch.optim.Optimizer):
     supports_atan2 = False           # has an m / sqrt(v) division that atan2 can replace
     n_betas = 2
 
-    def __init__(self, params, defaults, *, rank=4, oversampling=4, power_iters=1, seed=0,
+    def __init__(self, params, defaults, *, rank=4, oversampling=0, power_iters=0, seed=0,
                  use_grams=False, use_atan2=False, use_orthograd=False, use_cautious=False,
                  stochastic_rounding=True, maximize=False, batch_bytes=2**30):
         defaults.update(rank=rank, oversampling=oversampling, power_iters=power_iters, seed=seed,

@@ -13,6 +13,7 @@ together, it compares what MLorc used with what dense Adam would have used from 
   overlap          how much of the subspace that m's factors keep (the span of U) was kept at the
                    previous step too: ||U_prev^T U||_F^2 / r, 1 for the same subspace, about r / rows
                    for unrelated random ones (mean over matrices)
+  train loss       the mean training loss of the last 10 steps, beside the held-out loss at the end
 Sketches (--sketches): r+p oversampling and q power iterations as "p{p}q{q}"; "exact" (the optimal
 rank-r truncation: an exact SVD); "fixed" (p0q0 with the same Gaussian Omega at every step of a
 parameter, a fixed random subspace instead of a fresh one).
@@ -47,7 +48,8 @@ def cosine_and_ratio(a, b):
 
 
 def track(task, sketch, lr, rank, seed=0):
-    """Per-step metrics (see the module docstring) of one run, and its final held-out loss."""
+    """Per-step metrics (see the module docstring) of one run, and its final held-out loss; the last
+    row also holds the mean training loss of the last 10 steps."""
     options, fixed = sketch_options(sketch)
     torch.manual_seed(seed)
     model = task.model(seed)
@@ -61,10 +63,11 @@ def track(task, sketch, lr, rank, seed=0):
     original = mlorc.sketch_generator
     if fixed:                                                     # the same Omega at every step
         mlorc.sketch_generator = lambda s, index, step, device: original(s, index, 0, device)
-    rows = []
+    rows, train_losses = [], []
     try:
         for t, batch in enumerate(task.batches(seed), 1):
             loss = task.loss(model, batch)
+            train_losses.append(loss.item())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             before = {}
@@ -105,19 +108,20 @@ def track(task, sketch, lr, rank, seed=0):
     model.eval()
     with torch.no_grad():
         final = task.eval_loss(model)
+    rows[-1]["train_loss"] = statistics.mean(train_losses[-10:])
     return rows, final
 
 
 def summary(runs):
     """The markdown table of {sketch: (rows, final loss)}: means over steps, sums at the last step."""
-    lines = ["| sketch | m cos | m norm | u cos | u norm | sum u cos | sum u norm | overlap | held-out loss |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| sketch | m cos | m norm | u cos | u norm | sum u cos | sum u norm | overlap | train loss "
+             "| held-out loss |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, (rows, final) in runs.items():
         mean = {k: statistics.mean(r[k] for r in rows if r[k] == r[k])
                 for k in ("m_cos", "m_norm", "u_cos", "u_norm", "overlap")}
         lines.append(f"| {name} | {mean['m_cos']:.3f} | {mean['m_norm']:.3f} | {mean['u_cos']:.3f} | "
                      f"{mean['u_norm']:.3f} | {rows[-1]['sum_cos']:.3f} | {rows[-1]['sum_norm']:.3f} | "
-                     f"{mean['overlap']:.3f} | {final:.4f} |")
+                     f"{mean['overlap']:.3f} | {rows[-1]['train_loss']:.4f} | {final:.4f} |")
     return "\n".join(lines)
 
 

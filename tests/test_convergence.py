@@ -2,17 +2,20 @@
 
 The teacher is y = tanh(x A) B with A (32 x 64) of rank 4, normalized to unit variance; the student
 is a 32-64-64-8 tanh MLP trained for 300 minibatch steps (batch 64 of 1024 points), and the loss is
-the full-data MSE at the end. Measured with torch 2.13 on CPU, lr 3e-3, seeds 0-4 (final loss of
-MLorc_AdamW divided by torch.optim.AdamW's, both from the same initialization and batches):
+the full-data MSE at the end. Measured with torch 2.13 on CPU, seeds 0-4, each optimizer at its best
+lr of 3e-3, 1e-2 and 3e-2 (torch.optim.AdamW 1e-2; MLorc_AdamW rank 4 with the default sketch, no
+oversampling or power iteration, 3e-2); final loss divided by torch.optim.AdamW's, both from the same
+initialization and batches:
 
-    MLorc_AdamW rank 4:   1.91  1.87  2.00  1.91  1.78      (AdamW itself: 0.009-0.024, from ~1.03)
-    MLorc_AdamW rank 8:   1.24  1.19  1.27  1.28            rank 1: 6.59  5.05  5.95  4.67
-    AdamW at lr / 4:      6.31  4.98  5.44  5.70            (how far a mis-scaled step lands)
+    MLorc_AdamW rank 4, lr 3e-2:   2.73  2.20  2.58  2.83  1.67   (AdamW: 0.0048-0.0109, from ~1.03)
+    MLorc_AdamW rank 4, lr 1e-2:   2.71  2.61  2.67  2.17  2.37
+    MLorc_AdamW rank 4, lr 3e-3:  10.4   8.9   8.2   6.1   6.7    (a tenth of its lr: >= 6x)
 
-So rank 4 costs about 2x in final loss here, and the bound below is 3x: 1.5x headroom over the worst
-measured seed, well clear of what a wrong step size (lr / 4: >= 5x) or a rank-1 moment (>= 4.7x)
-gives. At rank None MLorc_AdamW equals torch.optim.AdamW to the printed digits (test_smoke checks
-that equivalence exactly), so the factor measures the compression alone.
+So rank 4 costs about 2-3x in final loss here, and the bound below is 3.5x: 1.24x headroom over the
+worst measured seed. With the default sketch the rank matters little on this problem (rank 1 at its
+best lr, 1e-2: 1.9-2.8x); test_rank_matters checks the rank with an accurate sketch instead. At rank
+None MLorc_AdamW equals torch.optim.AdamW to the printed digits (test_smoke checks that equivalence
+exactly), so the factor measures the compression alone.
 """
 
 import pytest
@@ -20,7 +23,7 @@ import torch
 
 import mlorc
 
-STEPS, BATCH, LR = 300, 64, 3e-3
+STEPS, BATCH, LR, MLORC_LR = 300, 64, 1e-2, 3e-2
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -69,27 +72,29 @@ def train(make_opt, seed):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_rank_4_within_3x_of_torch_adamw(seed):
     _, adamw = train(lambda ps: torch.optim.AdamW(ps, lr=LR), seed)
-    initial, low_rank = train(lambda ps: mlorc.MLorc_AdamW(ps, lr=LR, rank=4), seed)
-    assert adamw < initial / 30                      # the baseline itself trained (measured 40-120x)
-    assert low_rank < 3.0 * adamw
+    initial, low_rank = train(lambda ps: mlorc.MLorc_AdamW(ps, lr=MLORC_LR, rank=4), seed)
+    assert adamw < initial / 30                      # the baseline itself trained (measured 95-215x)
+    assert low_rank < 3.5 * adamw
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_rank_matters(seed):
-    # the rank-1 moment of a rank-4 problem is measurably worse (4.7-6.6x AdamW vs 1.8-2.0x at rank 4)
-    _, rank_1 = train(lambda ps: mlorc.MLorc_AdamW(ps, lr=LR, rank=1), seed)
-    _, rank_4 = train(lambda ps: mlorc.MLorc_AdamW(ps, lr=LR, rank=4), seed)
+    # with an accurate sketch (oversampling 4, one power iteration) at lr 3e-3 the rank-1 moment of a
+    # rank-4 problem is measurably worse: 3.45x and 2.70x rank 4's final loss on seeds 0 and 1
+    sketch = dict(lr=3e-3, oversampling=4, power_iters=1)
+    _, rank_1 = train(lambda ps: mlorc.MLorc_AdamW(ps, rank=1, **sketch), seed)
+    _, rank_4 = train(lambda ps: mlorc.MLorc_AdamW(ps, rank=4, **sketch), seed)
     assert rank_1 > 1.5 * rank_4
 
 
 # lr per variant; measured reduction of the loss over the 300 steps, seeds 0-2, in parentheses
 SMOKE = {
-    "AdamW": lambda ps: mlorc.MLorc_AdamW(ps, lr=3e-3, rank=4),             # 35-45x
-    "Lion": lambda ps: mlorc.MLorc_Lion(ps, lr=1e-3, rank=4),               # 40-43x
-    "Prodigy": lambda ps: mlorc.MLorc_Prodigy(ps, lr=1.0, rank=4),          # 48-61x
-    "DAdapt_Lion": lambda ps: mlorc.MLorc_DAdapt_Lion(ps, lr=1.0, rank=4),  # 13x
-    "Adopt": lambda ps: mlorc.MLorc_Adopt(ps, lr=3e-3, rank=4),             # 31-39x
-    "CAME": lambda ps: mlorc.MLorc_CAME(ps, lr=1e-3, rank=4),               # 82-96x
+    "AdamW": lambda ps: mlorc.MLorc_AdamW(ps, lr=3e-3, rank=4),             # 17-22x
+    "Lion": lambda ps: mlorc.MLorc_Lion(ps, lr=1e-3, rank=4),               # 33-44x
+    "Prodigy": lambda ps: mlorc.MLorc_Prodigy(ps, lr=1.0, rank=4),          # 76-93x
+    "DAdapt_Lion": lambda ps: mlorc.MLorc_DAdapt_Lion(ps, lr=1.0, rank=4),  # 13-15x
+    "Adopt": lambda ps: mlorc.MLorc_Adopt(ps, lr=3e-3, rank=4),             # 14-20x
+    "CAME": lambda ps: mlorc.MLorc_CAME(ps, lr=1e-3, rank=4),               # 93-104x
 }
 
 

@@ -26,7 +26,7 @@ import mlorc
 
 STEPS = 10
 CONFIGS = {
-    "AdamW": (mlorc.MLorc_AdamW, dict(lr=1e-2, rank=2, oversampling=1)),
+    "AdamW": (mlorc.MLorc_AdamW, dict(lr=1e-2, rank=2, oversampling=1, power_iters=1)),  # power iteration
     "AdamW_options": (mlorc.MLorc_AdamW, dict(lr=1e-2, rank=3, oversampling=2, power_iters=0,
                                               use_orthograd=True, use_cautious=True)),
     "Lion": (mlorc.MLorc_Lion, dict(lr=1e-3, rank=2, clip_threshold=0.5)),
