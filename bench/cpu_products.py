@@ -37,8 +37,8 @@ def main():
 
     os.environ["MLORC_EXTENSION"] = "1"
     cls = getattr(mlorc, args.optimizer)
-    print(f"{args.optimizer}, preset {args.preset}, oversampling 4, {args.steps} alternating steps, "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"{args.optimizer}, preset {args.preset}, oversampling 4, one power iteration, {args.steps} "
+          f"alternating steps, torch {torch.__version__}, threads {torch.get_num_threads()}")
     default = mlorc.CPU_PRODUCTS_MAX_WIDTH
     try:
         for rank in (int(r) for r in args.ranks.split(",")):
@@ -47,7 +47,7 @@ def main():
                       for s in llama_shapes(**PRESETS[args.preset])]
             for p in params:
                 p.grad = torch.randn(p.shape, generator=gen) * 1e-3
-            optimizers = {way: cls(params, lr=1e-5, rank=rank, oversampling=4)
+            optimizers = {way: cls(params, lr=1e-5, rank=rank, oversampling=4, power_iters=1)
                           for way in ("products", "dense")}
             optimizers["dense"]._through_products = lambda p, group: False
             mlorc.CPU_PRODUCTS_MAX_WIDTH = sys.maxsize

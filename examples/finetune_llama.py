@@ -89,7 +89,8 @@ def parse_args(argv=None):
     ap.add_argument("--pretrain-lr", type=float, default=3e-3)
     ap.add_argument("--steps", type=int, default=120, help="fine-tuning steps per run")
     ap.add_argument("--lr", type=float, default=3e-3, help="fine-tuning lr of AdamW")
-    ap.add_argument("--mlorc-lr", type=float, default=1e-3, help="fine-tuning lr of MLorc_AdamW")
+    ap.add_argument("--mlorc-lr", type=float, default=3e-3, help="fine-tuning lr of MLorc_AdamW (its best "
+                    "on this task with the default sketch, bench/quality.py)")
     ap.add_argument("--lion-lr", type=float, default=1e-3, help="fine-tuning lr of MLorc_Lion")
     ap.add_argument("--lora-lr", type=float, default=3e-3, help="fine-tuning lr of LoRA")
     ap.add_argument("--rank", type=int, default=4, help="MLorc rank of the moments")
