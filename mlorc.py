@@ -550,6 +550,13 @@ class _MLorcOptimizer(torch.optim.Optimizer):
             extension_ready(device)
         by_device = {}
         for index, p in params:
+            state, rank = self.state.get(p), self._locate(p)[1]["rank"]
+            if state and (self.moments[0] + "_U" in state) != (p.ndim >= 2 and rank is not None):
+                held = "rank-r factors" if rank is None else "dense moments"
+                raise ValueError(f"{name}: parameter {index} (shape {tuple(p.shape)}) holds {held}, but "
+                                 f"its group's rank is now {rank!r}; switching between rank=None and a "
+                                 "number after the first step is not supported (a new optimizer, or a "
+                                 "state dict saved with that rank, can)")
             if p.grad.is_sparse:
                 raise RuntimeError(f"{name}: parameter {index} has a sparse gradient; not supported")
             shards = shards_of(p)
@@ -581,6 +588,7 @@ class _MLorcOptimizer(torch.optim.Optimizer):
         params = [(i, p) for i, p in enumerate(p for g in self.param_groups for p in g["params"])
                   if p.grad is not None]
         self._check_grads(params, self.param_groups)
+        params = [(i, p) for i, p in params if p.numel() > 0]       # an empty parameter: nothing to do
         for batch, group in self._batches(params):
             self._finish([self._prepare(p, index, group) for index, p in batch], group)
         self.end_step()
@@ -606,7 +614,8 @@ class _MLorcOptimizer(torch.optim.Optimizer):
         Prodigy and D-Adapt Lion then need end_step() once all parameters are stepped."""
         index, group = self._locate(p)
         self._check_grads([(index, p)], [group])
-        self._step_param(p, index, group)
+        if p.numel() > 0:                                # an empty parameter: nothing to do
+            self._step_param(p, index, group)
 
     def end_step(self):
         """Finish an iteration: nothing to do, except for the adaptive step-size variants."""

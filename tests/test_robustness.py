@@ -382,3 +382,59 @@ def test_closure_called_once_and_loss_returned(name):
         assert loss is losses[-1]                  # the closure's loss, evaluated before the update
         assert loss.item() == pytest.approx(sum(((b - 1) ** 2).sum() for b in before).item())
     assert not torch.equal(params[0].detach(), make_params()[0].detach())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Steps that cannot be taken change nothing
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("path", ["step", "step_param"])
+def test_an_empty_parameter_is_a_no_op_beside_others(name, path):
+    # regression: a (0, 5) parameter raised ZeroDivisionError in step() after earlier batches had
+    # already been stepped
+    params = make_params(shapes=((6, 5), (0, 5), (4,)))
+    alone = make_params(shapes=((6, 5), (4,)))
+    opt, opt_alone = make_opt(name, params, rank=2), make_opt(name, alone, rank=2)
+    for step in range(3):
+        set_grads(params, step)
+        set_grads(alone, step)
+        if path == "step":
+            opt.step()
+        else:
+            for p in params:
+                opt.step_param(p)
+            opt.end_step()
+        opt_alone.step()
+    for p, q in zip([params[0], params[2]], alone):
+        assert torch.equal(p, q)
+    assert params[1].shape == (0, 5) and params[1] not in opt.state
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("change", [(2, None), (None, 2)], ids=["factored to dense", "dense to factored"])
+def test_switching_rank_to_or_from_none_is_refused_before_anything_changes(name, change):
+    # regression: rank 2 -> None raised TypeError inside rsvd after other parameters had moved, and
+    # None -> 2 was silently ignored (the moments stayed dense)
+    before, after = change
+    params = make_params()
+    opt = make_opt(name, params, rank=before)
+    run(opt, params, 2)
+    opt.param_groups[0]["rank"] = after
+    set_grads(params, 2)
+    saved = snapshot(opt, params)
+    with pytest.raises(ValueError, match=r"parameter 0 \(shape \(12, 10\)\) holds .* rank is now"):
+        opt.step()
+    assert_snapshot_equal(snapshot(opt, params), saved)
+    opt.param_groups[0]["rank"] = before                 # back as it was: the step runs
+    opt.step()
+    assert not torch.equal(params[0], saved[0][0])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_changing_between_two_ranks_takes_effect(name):
+    params = make_params()
+    opt = make_opt(name, params, rank=2)
+    run(opt, params, 2)
+    opt.param_groups[0]["rank"] = 3
+    run(opt, params, 1, start=2)
+    assert opt.state[params[0]]["exp_avg_s"].shape == (3,)
