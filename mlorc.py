@@ -25,16 +25,16 @@ so the factors then hold the moment exactly: this is what makes the full-rank te
 Which sketch ([M4]): a fresh subspace, not an accurate one. Measured along real fine-tuning runs
 against dense Adam fed the same gradients (bench/momentum.py; figures in BENCHMARKS.md): a power
 iteration keeps more of m at each step (cosine 0.70 against 0.54 on the tutorial's model), but it
-steers the kept subspace to m's top singular directions, which change slowly: about 83% of it is kept
-again at the next step, against 26-45% for a fresh Gaussian sketch with no power iteration. What lies
-outside is then dropped at every step, and the summed updates drift from dense Adam's (on the
-tutorial's model, cosine 0.56 against 0.60 fresh; one fixed random subspace, 0.41, is the worst on
-every task). A fresh subspace drops other directions each step and keeps every direction on average,
-but its steps partly cancel, so it travels less far and wants a larger lr. At each setting's best lr
-(bench/quality.py, three tasks, three seeds), no power iteration matched or beat one on every task,
-and no oversampling was best or tied: hence the defaults oversampling=0, power_iters=0, which also
-halve [M4]'s work. Accuracy helps only where m is nearly rank r, and there it measured within the
-seed spread.
+steers the kept subspace to m's top singular directions, which change slowly: 0.81-0.86 of it is kept
+again at the next step, against 0.26-0.65 for a fresh Gaussian sketch, so what lies outside them is
+dropped at every step. One fixed random subspace, persistence at its extreme, gave the summed updates
+furthest from dense Adam's on every task. At the same lr the fresh sketch reached a lower training
+loss, although its steps partly cancel and move the weights less far, so it wants a larger lr (best
+1-10x AdamW's). Why persistence costs more than accuracy gains is not settled (BENCHMARKS.md says
+what was refuted). At each setting's best lr (bench/quality.py, three tasks, three seeds), no power
+iteration matched or beat one at rank 4 on every task, and no oversampling was best or tied: hence
+the defaults oversampling=0, power_iters=0, which also halve [M4]'s work. At rank 16, oversampling
+helped on one task of three (README: "Choosing rank, sketch and learning rate").
 
 Memory: a dense moment of an (m, n) matrix costs m n floats; rank-r factors U (m, r), s (r), Vh (r, n)
 cost r (m + n + 1). For 4096 x 4096 at r = 4, AdamW keeps 2 * 16.8M = 33.6M floats, MLorc_AdamW keeps
