@@ -739,8 +739,10 @@ class _MLorcOptimizer(torch.optim.Optimizer):
     # -- checkpoints ----------------------------------------------------------------------------
 
     def load_state_dict(self, state_dict):
-        """torch casts floating state to the parameter dtype (bf16 would round the fp32 factors);
-        restore the saved tensors as they were, on the parameter's device."""
+        """Check the saved state against the parameters first (a refused state dict changes nothing),
+        then load. torch casts floating state to the parameter dtype (bf16 would round the fp32
+        factors): restore the saved tensors as they were, on the parameter's device."""
+        self._check_state_dict(state_dict)
         saved_keys = [key for group in state_dict["param_groups"] for key in group["params"]]
         params = dict(zip(saved_keys, (p for group in self.param_groups for p in group["params"])))
         super().load_state_dict(state_dict)
@@ -749,6 +751,55 @@ class _MLorcOptimizer(torch.optim.Optimizer):
             for name, value in entries.items():
                 if torch.is_tensor(value):
                     self.state[p][name] = value.to(p.device, copy=True)
+
+
+    def _check_state_dict(self, state_dict):
+        """Raise ValueError, naming the parameter and the entry, unless each saved parameter state
+        has exactly the entries this class creates for that parameter at the saved group's rank,
+        with their shapes: another class's state, a transposed matrix or a missing factor would
+        otherwise surface at the next step, after the current state is gone."""
+        name = type(self).__name__
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError(f"{name}.load_state_dict: state_dict must be a dict with 'state' and "
+                             "'param_groups' (an optimizer's state_dict()), got "
+                             f"{type(state_dict).__name__}")
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups) or any(
+                len(saved["params"]) != len(group["params"])
+                for saved, group in zip(groups, self.param_groups)):
+            raise ValueError(f"{name}.load_state_dict: the state dict's param groups do not match this "
+                             "optimizer's (number of groups or of parameters in a group)")
+        for saved, group in zip(groups, self.param_groups):
+            for key, p in zip(saved["params"], group["params"]):
+                entries = state_dict["state"].get(key)
+                if not entries:
+                    continue
+                meta = torch.empty_like(p, device="meta") if not _is_dtensor(p) else None
+                expected = {"step": None}
+                rank = saved.get("rank", group["rank"])
+                for moment in self.moments:
+                    if meta is None:                     # a shard: the entries' names only
+                        factored = p.ndim >= 2 and rank is not None
+                        suffixes = ("_U", "_s", "_Vh") if factored else ("",)
+                        expected.update({moment + k: None for k in suffixes})
+                    else:
+                        expected.update({moment + k: v.shape for k, v in init_moment(meta, rank).items()})
+                if meta is not None:
+                    extra = self._init_extra(meta, {**group, **saved}, WHOLE)
+                    expected.update({k: v.shape for k, v in extra.items()})
+                where = f"{name}.load_state_dict: parameter {key} (shape {tuple(p.shape)})"
+                missing, unknown = expected.keys() - entries.keys(), entries.keys() - expected.keys()
+                if meta is None:                         # a shard's variant entries are not listed
+                    unknown = set()
+                if missing or unknown:
+                    raise ValueError(f"{where}: saved entries {sorted(entries)} are not this optimizer's "
+                                     f"{sorted(expected)} at rank {rank!r} (missing {sorted(missing)}, "
+                                     f"unexpected {sorted(unknown)})")
+                for entry, shape in expected.items():
+                    value = entries[entry]
+                    if shape is not None and (not torch.is_tensor(value) or value.shape != shape):
+                        got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                        raise ValueError(f"{where}: entry {entry!r} has shape {got}, expected {tuple(shape)}")
 
 
 class MLorc_AdamW(_MLorcOptimizer):

@@ -408,3 +408,78 @@ def test_distributed_checkpoint_round_trip(name, tmp_path):
                    optim_state_dict=loaded["optim"])
     train(model_c, opt_c, 2, 3)
     assert_runs_identical(opt_a, list(model_a.parameters()), opt_c, list(model_c.parameters()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# load_state_dict refuses what does not fit, before changing anything
+
+def state_copy(opt):
+    return {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+            for p, s in opt.state.items()}
+
+
+def assert_refused_unchanged(opt, bad, match):
+    before = state_copy(opt)
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(bad)
+    after = state_copy(opt)
+    assert before.keys() == after.keys()
+    for key, entries in before.items():
+        assert entries.keys() == after[key].keys()
+        for name, value in entries.items():
+            assert torch.equal(value, after[key][name]) if torch.is_tensor(value) else value == after[key][name]
+    assert groups == [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_load_state_dict_refuses_a_missing_entry(name):
+    # regression: a state dict without exp_avg_U (or step) loaded, and the next step failed after
+    # the old state was gone
+    params = make_params()
+    opt = make_opt(name, params, **LOW_RANK)
+    run(opt, params, 2)
+    for entry in ("exp_avg_U", "step"):
+        bad = save_and_load(opt.state_dict())
+        del bad["state"][0][entry]
+        assert_refused_unchanged(opt, bad, rf"parameter 0 \(shape \(12, 10\)\).*missing \['{entry}'\]")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_load_state_dict_refuses_a_transposed_matrix(name):
+    # same numel, so torch accepted it and the step ran silently on scrambled moments
+    saved_params = make_params(shapes=[(12, 10), (10,)])
+    saved = make_opt(name, saved_params, **LOW_RANK)
+    run(saved, saved_params, 2)
+    params = make_params(shapes=[(10, 12), (10,)])
+    opt = make_opt(name, params, **LOW_RANK)
+    run(opt, params, 1)
+    assert_refused_unchanged(opt, save_and_load(saved.state_dict()),
+                             r"parameter 0 \(shape \(10, 12\)\): entry 'exp_avg_U' has shape \(12, 2\), expected \(10, 2\)")
+
+
+def test_load_state_dict_refuses_another_class_and_non_dicts():
+    params = make_params()
+    adamw = mlorc.MLorc_AdamW(params, **LOW_RANK)
+    run(adamw, params, 2)
+    lion_params = make_params()
+    lion = mlorc.MLorc_Lion(lion_params, **LOW_RANK)
+    run(lion, lion_params, 1)
+    assert_refused_unchanged(lion, save_and_load(adamw.state_dict()), r"unexpected \['exp_avg_sq_U'")
+    torch_params = make_params()
+    torch_adamw = torch.optim.AdamW(torch_params)
+    run(torch_adamw, torch_params, 1)
+    assert_refused_unchanged(adamw, torch_adamw.state_dict(), r"missing \['exp_avg_U'")
+    assert_refused_unchanged(adamw, [1, 2], "must be a dict")
+    assert_refused_unchanged(adamw, {"state": {}}, "must be a dict with 'state' and 'param_groups'")
+
+
+def test_load_state_dict_takes_torch_adamw_state_at_rank_none():
+    # dense moments have torch.optim.AdamW's entries: its state dict still loads (groups gain rank)
+    params = make_params()
+    torch_adamw = torch.optim.AdamW(params)
+    run(torch_adamw, params, 2)
+    mine = clone_params(params)
+    opt = mlorc.MLorc_AdamW(mine, rank=None)
+    opt.load_state_dict(save_and_load(torch_adamw.state_dict()))
+    assert torch.equal(opt.state[mine[0]]["exp_avg"], torch_adamw.state[params[0]]["exp_avg"])
