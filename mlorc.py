@@ -65,7 +65,7 @@ Options (per param group):
 
 Usage:
     import mlorc
-    opt = mlorc.MLorc_AdamW(model.parameters(), lr=1e-4, rank=4)
+    opt = mlorc.MLorc_AdamW(model.parameters(), lr=3e-3, rank=4)    # about 3x your AdamW lr
     for x, y in data:
         loss_fn(model(x), y).backward()
         opt.step()
@@ -1528,7 +1528,7 @@ def finetune_param_groups(model, weight_decay=0.01, rank=4, dense_embeddings=Fal
     whose rows are updated sparsely and are the least low-rank. Every trainable parameter lands in
     exactly one group (tied weights once); frozen ones in none. Empty groups are left out.
 
-        opt = MLorc_AdamW(finetune_param_groups(model, weight_decay=0.01, rank=8), lr=1e-4)
+        opt = MLorc_AdamW(finetune_param_groups(model, weight_decay=0.01, rank=8), lr=3e-3)
     """
     embeddings = set()
     if dense_embeddings:
