@@ -1511,12 +1511,31 @@ def attach_fused_backward(params, optimizer):
     if any(_is_dtensor(p) for p in params):
         raise NotImplementedError("attach_fused_backward: FSDP2 sets sharded gradients after its "
                                   "reduce-scatter, so no per-parameter hook sees them; use step()")
+    if not isinstance(optimizer, _MLorcOptimizer):
+        raise TypeError(f"attach_fused_backward: optimizer must be an mlorc optimizer (one that steps a "
+                        f"parameter at a time), got {type(optimizer).__name__}")
+    held = {q for group in optimizer.param_groups for q in group["params"]}
+    attached = optimizer.__dict__.setdefault("_fused_params", {})    # id(p) -> its hook's handle
+    for index, p in enumerate(params):          # refused before any hook is added, not in backward
+        if not p.requires_grad:
+            continue
+        if p not in held:
+            raise ValueError(f"attach_fused_backward: parameter {index} (shape {tuple(p.shape)}) is "
+                             "not in the optimizer, so its hook could not step it")
+        handle = attached.get(id(p))
+        if handle is not None and handle.id in (handle.hooks_dict_ref() or {}):
+            raise ValueError(f"attach_fused_backward: parameter {index} (shape {tuple(p.shape)}) "
+                             "already has a hook from this optimizer; it would be stepped twice")
 
     def hook(p):
         optimizer.step_param(p)
         p.grad = None
 
-    handles = [p.register_post_accumulate_grad_hook(hook) for p in params if p.requires_grad]
+    handles = []
+    for p in params:
+        if p.requires_grad:
+            handles.append(p.register_post_accumulate_grad_hook(hook))
+            attached[id(p)] = handles[-1]
     optimizer._fused_handles.extend(handles)
     return handles
 

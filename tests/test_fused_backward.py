@@ -196,3 +196,42 @@ def test_lr_scheduler_drives_the_hooked_optimizer(name):
     # and the schedule mattered: without it the run ends elsewhere
     model_c, _, _ = train_fused(name, steps)
     assert not torch.equal(model_b[0].weight, model_c[0].weight)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_attaching_twice_is_refused_before_any_hook_is_added(name):
+    # regression: a second attach_fused_backward stepped every parameter twice per backward (and an
+    # adaptive variant raised mid-backward, after some parameters had moved)
+    model = make_model()
+    opt = make_opt(name, model.parameters(), **LOW_RANK)
+    handles = mlorc.attach_fused_backward(model, opt)
+    with pytest.raises(ValueError, match=r"parameter 0 \(shape \(12, 6\)\) already has a hook"):
+        mlorc.attach_fused_backward(model, opt)
+    before = [p.detach().clone() for p in model.parameters()]
+    reference = make_model()
+    ref_opt = make_opt(name, reference.parameters(), **LOW_RANK)
+    for step in range(2):                          # (ADOPT's first step only sets v)
+        loss_of(model, step).backward()            # one hook per parameter: one step each
+        opt.step()
+        loss_of(reference, step).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    for p, q, b in zip(model.parameters(), reference.parameters(), before):
+        assert torch.equal(p, q) and not torch.equal(p, b)
+    for handle in handles:                         # removed hooks may be attached again
+        handle.remove()
+    mlorc.attach_fused_backward(model, opt)
+
+
+def test_a_parameter_outside_the_optimizer_is_refused_before_any_hook_is_added():
+    # regression: the hook raised a KeyError whose message was a printed tensor, during backward,
+    # after other parameters had been stepped
+    model = make_model()
+    opt = make_opt("AdamW", list(model.parameters())[:2], **LOW_RANK)
+    with pytest.raises(ValueError, match=r"parameter 2 \(shape \(12, 12\)\) is not in the optimizer"):
+        mlorc.attach_fused_backward(model, opt)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss_of(model, 0).backward()                   # no hook was added: nothing moves in backward
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    with pytest.raises(TypeError, match="must be an mlorc optimizer"):
+        mlorc.attach_fused_backward(model, torch.optim.AdamW(model.parameters()))
