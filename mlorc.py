@@ -1493,18 +1493,23 @@ def sharded_rsvd(A, rank, oversampling, power_iters, generators, shards):
 # ----------------------------------------------------------------------------------------------------
 # Fused backward pass and memory accounting
 
-def attach_fused_backward(params, optimizer):
+def attach_fused_backward(params, optimizer, accumulation_steps=1):
     """Step each parameter during backward, as soon as its gradient is accumulated, and free the
     gradient right away: peak memory then holds one gradient, not all of them. This is the one place
-    where a gradient is dropped. Gradient accumulation over several backward() calls cannot work
-    (each backward steps), and step(closure) is refused. Call optimizer.step() after each backward():
-    it finds no gradients and only finishes the iteration (end_step(), which Prodigy / D-Adapt Lion
-    need). Returns the hook handles (call .remove() to detach).
+    where a gradient is dropped. With accumulation_steps=k, a parameter is stepped (and its gradient
+    freed) at its k-th gradient, which then holds the sum of k backward() calls, as step() after k
+    backward() calls would see it; the k - 1 before it keep accumulating. step(closure) is refused.
+    Call optimizer.step() after each k-th backward(): it finds no gradients and only finishes the
+    iteration (end_step(), which Prodigy / D-Adapt Lion need). Returns the hook handles (call
+    .remove() to detach).
 
         handles = mlorc.attach_fused_backward(model.parameters(), opt)
         loss.backward()          # parameters are updated here
         opt.step()               # finishes the iteration
     """
+    if not _is_int(accumulation_steps) or accumulation_steps < 1:
+        raise ValueError(f"attach_fused_backward: invalid accumulation_steps={accumulation_steps!r}: "
+                         "must be an int >= 1")
     if isinstance(params, torch.nn.Module):
         params = params.parameters()
     params = list(params)
@@ -1527,7 +1532,13 @@ def attach_fused_backward(params, optimizer):
             raise ValueError(f"attach_fused_backward: parameter {index} (shape {tuple(p.shape)}) "
                              "already has a hook from this optimizer; it would be stepped twice")
 
+    arrived = {}                                 # id(p) -> gradients accumulated since its last step
+
     def hook(p):
+        arrived[id(p)] = arrived.get(id(p), 0) + 1
+        if arrived[id(p)] < accumulation_steps:  # not yet: p.grad keeps accumulating
+            return
+        arrived[id(p)] = 0
         optimizer.step_param(p)
         p.grad = None
 

@@ -22,8 +22,8 @@ The runs (--runs picks among them):
                (clip_threshold), the clipping that still works when gradients are freed early
 
 What the fused mode cannot do, and why: the optimizer steps each parameter inside backward(), so
-  - gradient accumulation over several backward() calls is impossible: every backward() is a step
-    (use one larger batch per backward instead);
+  - gradient accumulation needs attach_fused_backward(..., accumulation_steps=k), which steps each
+    parameter at its k-th gradient; without it every backward() is a step;
   - global gradient-norm clipping (torch.nn.utils.clip_grad_norm_) is impossible: the norm over all
     parameters is only known after the last gradient, when the others have been applied and freed.
     --max-grad-norm is therefore applied to the step() runs only; MLorc_Lion's clip_threshold clips

@@ -235,3 +235,36 @@ def test_a_parameter_outside_the_optimizer_is_refused_before_any_hook_is_added()
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     with pytest.raises(TypeError, match="must be an mlorc optimizer"):
         mlorc.attach_fused_backward(model, torch.optim.AdamW(model.parameters()))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_hooks_with_accumulation_equal_accumulated_backward_then_step(name):
+    # with accumulation_steps=k a parameter is stepped at its k-th gradient, as step() after k
+    # backward() calls; before, every backward() was a step
+    k, rounds = 3, 2
+    model_a = make_model()
+    opt_a = make_opt(name, model_a.parameters(), **LOW_RANK)
+    model_b = make_model()
+    opt_b = make_opt(name, model_b.parameters(), **LOW_RANK)
+    mlorc.attach_fused_backward(model_b, opt_b, accumulation_steps=k)
+    for r in range(rounds):
+        for micro in range(k):
+            (loss_of(model_a, r * k + micro) / k).backward()
+            before = [p.detach().clone() for p in model_b.parameters()]
+            (loss_of(model_b, r * k + micro) / k).backward()
+            if micro < k - 1:                      # accumulating: nothing moves, gradients kept
+                assert all(torch.equal(p, b) for p, b in zip(model_b.parameters(), before))
+                assert all(p.grad is not None for p in model_b.parameters())
+        opt_a.step()
+        opt_a.zero_grad(set_to_none=True)
+        opt_b.step()                               # finds no gradients: finishes the iteration
+        assert all(p.grad is None for p in model_b.parameters())
+    assert_same_training(model_a, opt_a, model_b, opt_b)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_invalid_accumulation_steps_is_refused(bad):
+    model = make_model()
+    opt = make_opt("AdamW", model.parameters(), **LOW_RANK)
+    with pytest.raises(ValueError, match="accumulation_steps"):
+        mlorc.attach_fused_backward(model, opt, accumulation_steps=bad)

@@ -316,9 +316,9 @@ def test_fused_loop_equals_step_loop(name, options, checkpointing):
         assert not torch.equal(unclipped.lm_head.weight, fused_model.lm_head.weight)
 
 
-def test_fused_gradient_accumulation_is_not_possible():
-    """Two backward calls before one opt.step() are two optimizer steps in the fused mode (and a
-    different result from one step on the accumulated gradient): accumulation cannot work."""
+def test_fused_without_accumulation_steps_steps_every_backward():
+    """Without accumulation_steps, two backward calls before one opt.step() are two optimizer steps
+    in the fused mode (and a different result from one step on the accumulated gradient)."""
     results = {}
     for fused in (False, True):
         model = make_model()
@@ -354,9 +354,28 @@ def test_fused_in_trainer(dataset, tmp_path):
     assert not torch.equal(plain_clipped.lm_head.weight, plain_unclipped.lm_head.weight)
 
 
+def test_fused_in_trainer_with_accumulation_equals_trainer_without_hooks(dataset, tmp_path):
+    """gradient_accumulation_steps=2 with attach_fused_backward(..., accumulation_steps=2): each
+    parameter is stepped at its second micro-batch's gradient, so the run equals Trainer's own
+    accumulation without the hooks (4 Trainer steps are 4 optimizer steps)."""
+    def run(fused, out):
+        model = make_model()
+        opt = make_opt("AdamW", model)
+        if fused:
+            mlorc.attach_fused_backward(model, opt, accumulation_steps=2)
+        make_trainer(model, dataset, out, 4, (opt, None), max_grad_norm=0.0,
+                     gradient_accumulation_steps=2).train()
+        return model, opt
+
+    (plain, plain_opt), (fused, fused_opt) = run(False, tmp_path / "a"), run(True, tmp_path / "b")
+    assert_params_equal(plain, fused)
+    assert_state_equal(plain_opt, fused_opt)
+    assert fused_opt.state[fused.lm_head.weight]["step"] == 4
+
+
 def test_fused_in_trainer_steps_every_micro_batch(dataset, tmp_path):
-    """gradient_accumulation_steps=2 with the fused hooks: each micro-batch's backward is a step, so
-    4 Trainer steps are 8 optimizer steps."""
+    """gradient_accumulation_steps=2 with the fused hooks but no accumulation_steps: each
+    micro-batch's backward is a step, so 4 Trainer steps are 8 optimizer steps."""
     model = make_model()
     opt = make_opt("AdamW", model)
     mlorc.attach_fused_backward(model, opt)
