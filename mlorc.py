@@ -408,6 +408,11 @@ def _all_finite(g):
     return torch.isfinite(torch.stack(torch.aminmax(g))).all()
 
 
+def _hooked(handle):
+    """Whether a hook handle (or None) is still attached (not removed)."""
+    return handle is not None and handle.id in (handle.hooks_dict_ref() or {})
+
+
 def _is_number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -452,7 +457,7 @@ class _MLorcOptimizer(torch.optim.Optimizer):
                         use_grams=use_grams, use_atan2=use_atan2, use_orthograd=use_orthograd,
                         use_cautious=use_cautious, stochastic_rounding=stochastic_rounding,
                         maximize=maximize, batch_bytes=batch_bytes)
-        self._fused_handles = []     # hooks of attach_fused_backward
+        self._fused_handles = {}     # id(p) -> the hook attach_fused_backward gave p
         super().__init__(params, defaults)
 
     # -- validation -----------------------------------------------------------------------------
@@ -529,7 +534,7 @@ class _MLorcOptimizer(torch.optim.Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, self.BEFORE_OPTION.get(key, value))
         self._index = None
-        self.__dict__.setdefault("_fused_handles", [])
+        self.__dict__.setdefault("_fused_handles", {})
 
     def _locate(self, p):
         """(global index, group) of a parameter; the index seeds its sketches."""
@@ -578,7 +583,7 @@ class _MLorcOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One optimization step over every parameter that has a gradient."""
-        if closure is not None and any(h.id in (h.hooks_dict_ref() or {}) for h in self._fused_handles):
+        if closure is not None and any(_hooked(h) for h in self._fused_handles.values()):
             raise RuntimeError("step(closure) with the fused backward pass would step each parameter "
                                "twice; the hooks already step them during backward")
         loss = None
@@ -752,7 +757,6 @@ class _MLorcOptimizer(torch.optim.Optimizer):
                 if torch.is_tensor(value):
                     self.state[p][name] = value.to(p.device, copy=True)
 
-
     def _check_state_dict(self, state_dict):
         """Raise ValueError, naming the parameter and the entry, unless each saved parameter state
         has exactly the entries this class creates for that parameter at the saved group's rank,
@@ -774,23 +778,18 @@ class _MLorcOptimizer(torch.optim.Optimizer):
                 entries = state_dict["state"].get(key)
                 if not entries:
                     continue
-                meta = torch.empty_like(p, device="meta") if not _is_dtensor(p) else None
+                meta = torch.empty(p.shape, dtype=p.dtype, device="meta")   # shapes only (a shard's:
+                rank = saved.get("rank", group["rank"])                     # the whole parameter's)
                 expected = {"step": None}
-                rank = saved.get("rank", group["rank"])
                 for moment in self.moments:
-                    if meta is None:                     # a shard: the entries' names only
-                        factored = p.ndim >= 2 and rank is not None
-                        suffixes = ("_U", "_s", "_Vh") if factored else ("",)
-                        expected.update({moment + k: None for k in suffixes})
-                    else:
-                        expected.update({moment + k: v.shape for k, v in init_moment(meta, rank).items()})
-                if meta is not None:
+                    expected.update({moment + k: v.shape for k, v in init_moment(meta, rank).items()})
+                sharded = _is_dtensor(p)
+                if not sharded:                          # a shard samples its variant entries per rank
                     extra = self._init_extra(meta, {**group, **saved}, WHOLE)
                     expected.update({k: v.shape for k, v in extra.items()})
                 where = f"{name}.load_state_dict: parameter {key} (shape {tuple(p.shape)})"
-                missing, unknown = expected.keys() - entries.keys(), entries.keys() - expected.keys()
-                if meta is None:                         # a shard's variant entries are not listed
-                    unknown = set()
+                missing = expected.keys() - entries.keys()
+                unknown = set() if sharded else entries.keys() - expected.keys()
                 if missing or unknown:
                     raise ValueError(f"{where}: saved entries {sorted(entries)} are not this optimizer's "
                                      f"{sorted(expected)} at rank {rank!r} (missing {sorted(missing)}, "
@@ -1520,15 +1519,13 @@ def attach_fused_backward(params, optimizer, accumulation_steps=1):
         raise TypeError(f"attach_fused_backward: optimizer must be an mlorc optimizer (one that steps a "
                         f"parameter at a time), got {type(optimizer).__name__}")
     held = {q for group in optimizer.param_groups for q in group["params"]}
-    attached = optimizer.__dict__.setdefault("_fused_params", {})    # id(p) -> its hook's handle
     for index, p in enumerate(params):          # refused before any hook is added, not in backward
         if not p.requires_grad:
             continue
         if p not in held:
             raise ValueError(f"attach_fused_backward: parameter {index} (shape {tuple(p.shape)}) is "
                              "not in the optimizer, so its hook could not step it")
-        handle = attached.get(id(p))
-        if handle is not None and handle.id in (handle.hooks_dict_ref() or {}):
+        if _hooked(optimizer._fused_handles.get(id(p))):
             raise ValueError(f"attach_fused_backward: parameter {index} (shape {tuple(p.shape)}) "
                              "already has a hook from this optimizer; it would be stepped twice")
 
@@ -1546,9 +1543,9 @@ def attach_fused_backward(params, optimizer, accumulation_steps=1):
     for p in params:
         if p.requires_grad:
             handles.append(p.register_post_accumulate_grad_hook(hook))
-            attached[id(p)] = handles[-1]
-    optimizer._fused_handles.extend(handles)
+            optimizer._fused_handles[id(p)] = handles[-1]
     return handles
+
 
 
 def finetune_param_groups(model, weight_decay=0.01, rank=4, dense_embeddings=False):
