@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mlorc
-from variants import ADAPTIVE, NAMES, make_opt
+from variants import ADAPTIVE, NAMES, assert_snapshot_equal, make_opt, snapshot
 
 
 def make_params(shapes=((12, 10), (3, 4, 2, 2), (10,)), dtype=torch.float32, seed=0):
@@ -29,25 +29,6 @@ def run(opt, params, steps, start=0):
     for step in range(start, start + steps):
         set_grads(params, step)
         opt.step()
-
-
-def snapshot(opt, params):
-    """Deep copies of the parameters, the per-parameter state and the param groups (d, k, ...)."""
-    state = [{k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state.get(p, {}).items()}
-             for p in params]
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-    return [p.detach().clone() for p in params], state, groups
-
-
-def assert_snapshot_equal(a, b):
-    params_a, state_a, groups_a = a
-    params_b, state_b, groups_b = b
-    assert all(torch.equal(x, y) for x, y in zip(params_a, params_b))
-    for sa, sb in zip(state_a, state_b):
-        assert sa.keys() == sb.keys()
-        for key in sa:
-            assert torch.equal(sa[key], sb[key]) if torch.is_tensor(sa[key]) else sa[key] == sb[key]
-    assert groups_a == groups_b
 
 
 def all_finite(opt, params):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mlorc
-from variants import NAMES, VARIANTS, make_opt
+from variants import NAMES, VARIANTS, assert_snapshot_equal, make_opt, snapshot
 
 LOW_RANK = dict(rank=2, oversampling=0)
 SHAPES = [(12, 10), (3, 4, 2, 2), (10,)]   # a Linear weight, a conv filter viewed as (3, 16), a bias
@@ -413,23 +413,12 @@ def test_distributed_checkpoint_round_trip(name, tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # load_state_dict refuses what does not fit, before changing anything
 
-def state_copy(opt):
-    return {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
-            for p, s in opt.state.items()}
-
-
 def assert_refused_unchanged(opt, bad, match):
-    before = state_copy(opt)
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    params = [p for group in opt.param_groups for p in group["params"]]
+    before = snapshot(opt, params)
     with pytest.raises(ValueError, match=match):
         opt.load_state_dict(bad)
-    after = state_copy(opt)
-    assert before.keys() == after.keys()
-    for key, entries in before.items():
-        assert entries.keys() == after[key].keys()
-        for name, value in entries.items():
-            assert torch.equal(value, after[key][name]) if torch.is_tensor(value) else value == after[key][name]
-    assert groups == [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    assert_snapshot_equal(snapshot(opt, params), before)
 
 
 @pytest.mark.parametrize("name", NAMES)

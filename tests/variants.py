@@ -1,5 +1,8 @@
 """The six optimizers with settings that move small test models visibly in a few steps: Prodigy and
-D-Adapt start from a larger d0 than their default so their d estimate changes within a short run."""
+D-Adapt start from a larger d0 than their default so their d estimate changes within a short run;
+and the snapshot of an optimizer that the tests of refused steps compare before and after."""
+import torch
+
 import mlorc
 
 VARIANTS = {
@@ -17,3 +20,22 @@ ADAPTIVE = ("Prodigy", "DAdapt_Lion")
 def make_opt(name, params, **options):
     cls, defaults = VARIANTS[name]
     return cls(params, **{**defaults, **options})
+
+
+def snapshot(opt, params):
+    """Deep copies of the parameters, the per-parameter state and the param groups (d, k, ...)."""
+    state = [{k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state.get(p, {}).items()}
+             for p in params]
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    return [p.detach().clone() for p in params], state, groups
+
+
+def assert_snapshot_equal(a, b):
+    params_a, state_a, groups_a = a
+    params_b, state_b, groups_b = b
+    assert all(torch.equal(x, y) for x, y in zip(params_a, params_b))
+    for sa, sb in zip(state_a, state_b):
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]) if torch.is_tensor(sa[key]) else sa[key] == sb[key]
+    assert groups_a == groups_b
