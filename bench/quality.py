@@ -381,15 +381,20 @@ def load(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def tried(rows, task, config, seed):
+    """{lr: loss} of the runs of `config` on `seed`."""
+    return {r["lr"]: r["loss"] for r in rows if (r["task"], r["config"], r["seed"]) == (task, config, seed)}
+
+
 def best_lr(rows, task, config, seed=0):
     """The lr with the lowest loss on `seed` (diverged runs count as +inf), and whether it sits at an
     end of the lrs tried."""
-    tried = {r["lr"]: r["loss"] for r in rows if (r["task"], r["config"], r["seed"]) == (task, config, seed)}
-    if not tried:
+    tried_lrs = tried(rows, task, config, seed)
+    if not tried_lrs:
         return None, None
-    key = lambda lr: tried[lr] if math.isfinite(tried[lr]) else math.inf     # noqa: E731
-    best = min(tried, key=key)
-    edge = "low" if best == min(tried) else "high" if best == max(tried) else None
+    key = lambda lr: tried_lrs[lr] if math.isfinite(tried_lrs[lr]) else math.inf     # noqa: E731
+    best = min(tried_lrs, key=key)
+    edge = "low" if best == min(tried_lrs) else "high" if best == max(tried_lrs) else None
     return best, edge
 
 
@@ -397,9 +402,7 @@ def sweep(task_name, configs, lrs, seeds, out):
     task = TASKS[task_name](args.cache)
 
     def once(config, lr, seed):
-        rows = load(out)
-        if any((r["task"], r["config"], r["seed"]) == (task_name, config, seed)
-               and math.isclose(r["lr"], lr) for r in rows):
+        if any(math.isclose(done, lr) for done in tried(load(out), task_name, config, seed)):
             return
         loss, nbytes, seconds = run(task, config, lr, seed)
         row = dict(task=task_name, config=config, lr=lr, seed=seed, loss=loss, state_bytes=nbytes,
@@ -415,8 +418,8 @@ def sweep(task_name, configs, lrs, seeds, out):
             best, edge = best_lr(load(out), task_name, config, seeds[0])
             if edge is None:
                 break
-            tried = [r["lr"] for r in load(out) if (r["task"], r["config"], r["seed"]) == (task_name, config, seeds[0])]
-            nxt = min(tried) / 3 if edge == "low" else max(tried) * 3
+            lrs_so_far = tried(load(out), task_name, config, seeds[0])
+            nxt = min(lrs_so_far) / 3 if edge == "low" else max(lrs_so_far) * 3
             once(config, float(f"{nxt:.1e}"), seeds[0])
         best, _ = best_lr(load(out), task_name, config, seeds[0])
         for seed in seeds[1:]:
