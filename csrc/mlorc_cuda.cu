@@ -98,12 +98,12 @@ at::Tensor negative_mean_cuda(const at::Tensor& U, const at::Tensor& s, const at
 void adamw_cuda(at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU, const at::Tensor& ms,
                 const at::Tensor& mVh, const at::Tensor& vU, const at::Tensor& vs, const at::Tensor& vVh,
                 const at::Tensor& shift, float* m_out, float* v_out, double beta1, double beta2,
-                double lr, double weight_decay, double eps, double bc1, double bc2) {
+                double lr, double weight_decay, double eps, double bc1, double bc2, double bound) {
   const int64_t rows = param.size(0), cols = param.size(1);
   check_adamw_args(param, grad, mU, ms, mVh, vU, vs, vVh, shift);
   if (rows * cols == 0) return;
   const c10::cuda::CUDAGuard guard(param.device());
-  const AdamWArgs args = make_adamw_args(beta1, beta2, lr, weight_decay, eps, bc1, bc2, 0.f,
+  const AdamWArgs args = make_adamw_args(beta1, beta2, lr, weight_decay, eps, bc1, bc2, bound, 0.f,
                                          ms.size(0), vs.size(0));
   adamw_kernel<<<blocks_for(rows * cols), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       args, shift.data_ptr<float>(), rows, cols, param.data_ptr<float>(), grad.data_ptr<float>(),

@@ -14,8 +14,9 @@ namespace mlorc {
 
 struct AdamWArgs {
   // Adam's (m / bc1) / (sqrt(v) / sqrt(bc2) + eps), with its three divisions folded into one:
-  // step_size * m / (sqrt(v) + eps_hat), step_size = lr sqrt(bc2) / bc1, eps_hat = eps sqrt(bc2)
-  float beta1, beta2, step_size, decay, eps_hat, shift;
+  // step_size * m / (sqrt(v) + eps_hat), step_size = lr sqrt(bc2) / bc1, eps_hat = eps sqrt(bc2);
+  // the ratio m / (sqrt(v) + eps_hat) clamped to +-bound, C_t (mlorc.adam_ratio_bound)
+  float beta1, beta2, step_size, decay, eps_hat, bound, shift;
   int64_t rank_m, rank_v;
 };
 
@@ -25,10 +26,11 @@ struct LionArgs {
 };
 
 inline AdamWArgs make_adamw_args(double beta1, double beta2, double lr, double weight_decay,
-                                 double eps, double bc1, double bc2, float shift, int64_t rank_m,
-                                 int64_t rank_v) {
+                                 double eps, double bc1, double bc2, double bound, float shift,
+                                 int64_t rank_m, int64_t rank_v) {
   return AdamWArgs{float(beta1), float(beta2), float(lr * std::sqrt(bc2) / bc1),
-                   float(1.0 - lr * weight_decay), float(eps * std::sqrt(bc2)), shift, rank_m, rank_v};
+                   float(1.0 - lr * weight_decay), float(eps * std::sqrt(bc2)), float(bound), shift,
+                   rank_m, rank_v};
 }
 
 inline LionArgs make_lion_args(double beta1, double beta2, double lr, double weight_decay, int64_t rank) {
@@ -43,13 +45,17 @@ MLORC_HD float lowrank_entry(const float* U, const float* s, const float* Vh, in
   return value;
 }
 
-// [M2] repair, [M3] EMA, [M5][M6] Adam, [M7] apply at one entry, from its rebuilt m~ and v~.
+// [M2] repair, [M3] EMA, [M5][M6] Adam clamped to dense Adam's bound, [M7] apply at one entry,
+// from its rebuilt m~ and v~. The clamp is written with comparisons so that a NaN stays NaN, as in
+// torch.clamp.
 MLORC_HD void adamw_update(const AdamWArgs& a, float& p, float g, float m_prev, float v_prev,
                            float& m, float& v) {
   if (v_prev < 0.f) v_prev = a.shift;
   m = m_prev * a.beta1 + g * (1.f - a.beta1);
   v = v_prev * a.beta2 + g * g * (1.f - a.beta2);
-  p = p * a.decay - a.step_size * (m / (sqrtf(v) + a.eps_hat));
+  float ratio = m / (sqrtf(v) + a.eps_hat);
+  ratio = ratio > a.bound ? a.bound : ratio < -a.bound ? -a.bound : ratio;
+  p = p * a.decay - a.step_size * ratio;
 }
 
 // MLorc_AdamW at entry (i, j): [M1] rebuild, then adamw_update; the new moments are written out

@@ -276,10 +276,10 @@ void check_adamw_args(const at::Tensor& param, const at::Tensor& grad, const at:
 void adamw_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU, const at::Tensor& ms,
                const at::Tensor& mVh, const at::Tensor& vU, const at::Tensor& vs, const at::Tensor& vVh,
                const at::Tensor& shift, float* m_out, float* v_out, double beta1, double beta2,
-               double lr, double weight_decay, double eps, double bc1, double bc2) {
+               double lr, double weight_decay, double eps, double bc1, double bc2, double bound) {
   check_adamw_args(param, grad, mU, ms, mVh, vU, vs, vVh, shift);
   const int64_t rows = param.size(0), cols = param.size(1);
-  const AdamWArgs args = make_adamw_args(beta1, beta2, lr, weight_decay, eps, bc1, bc2,
+  const AdamWArgs args = make_adamw_args(beta1, beta2, lr, weight_decay, eps, bc1, bc2, bound,
                                          shift.item<float>(), ms.size(0), vs.size(0));
   const at::Tensor mvh = padded(mVh), vvh = padded(vVh);
   const Factors m_old(mU, ms, mvh), v_old(vU, vs, vvh);
@@ -418,14 +418,14 @@ TORCH_LIBRARY(mlorc, m) {
   m.def(
       "adamw_step_(Tensor(a!) param, Tensor grad, Tensor mU, Tensor ms, Tensor mVh, Tensor vU, "
       "Tensor vs, Tensor vVh, Tensor shift, Tensor(b!) m_out, Tensor(c!) v_out, float beta1, "
-      "float beta2, float lr, float weight_decay, float eps, float bc1, float bc2) -> ()");
+      "float beta2, float lr, float weight_decay, float eps, float bc1, float bc2, float bound) -> ()");
   m.def(
       "lion_step_(Tensor(a!) param, Tensor grad, Tensor U, Tensor s, Tensor Vh, "
       "Tensor(b!) m_out, float beta1, float beta2, float lr, float weight_decay) -> ()");
   m.def(
       "adamw_update_(Tensor(a!) param, Tensor grad, Tensor mU, Tensor ms, Tensor mVh, Tensor vU, "
       "Tensor vs, Tensor vVh, Tensor shift, float beta1, float beta2, float lr, float weight_decay, "
-      "float eps, float bc1, float bc2) -> ()");
+      "float eps, float bc1, float bc2, float bound) -> ()");
   m.def(
       "lion_update_(Tensor(a!) param, Tensor grad, Tensor U, Tensor s, Tensor Vh, float beta1, "
       "float beta2, float lr, float weight_decay) -> ()");
@@ -443,14 +443,15 @@ at::Tensor negative_mean_meta(const at::Tensor& U, const at::Tensor& s, const at
 void adamw_step_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                      const at::Tensor&, at::Tensor&, at::Tensor&, double, double, double, double,
-                     double, double, double) {}
+                     double, double, double, double) {}
 
 void lion_step_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                     const at::Tensor&, at::Tensor&, double, double, double, double) {}
 
 void adamw_update_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                       const at::Tensor&, double, double, double, double, double, double, double) {}
+                       const at::Tensor&, double, double, double, double, double, double, double,
+                       double) {}
 
 void lion_update_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                       const at::Tensor&, double, double, double, double) {}

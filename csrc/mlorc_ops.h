@@ -23,18 +23,19 @@ using AdamWPass = void (*)(at::Tensor& param, const at::Tensor& grad, const at::
                            const at::Tensor& ms, const at::Tensor& mVh, const at::Tensor& vU,
                            const at::Tensor& vs, const at::Tensor& vVh, const at::Tensor& shift,
                            float* m_out, float* v_out, double beta1, double beta2, double lr,
-                           double weight_decay, double eps, double bc1, double bc2);
+                           double weight_decay, double eps, double bc1, double bc2, double bound);
 
 // mlorc::adamw_step_ on a backend: the pass, writing the new moments
 template <AdamWPass pass>
 void adamw_step(at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU, const at::Tensor& ms,
                 const at::Tensor& mVh, const at::Tensor& vU, const at::Tensor& vs, const at::Tensor& vVh,
                 const at::Tensor& shift, at::Tensor& m_out, at::Tensor& v_out, double beta1,
-                double beta2, double lr, double weight_decay, double eps, double bc1, double bc2) {
+                double beta2, double lr, double weight_decay, double eps, double bc1, double bc2,
+                double bound) {
   check_dense(m_out, param.size(0), param.size(1), "m_out");
   check_dense(v_out, param.size(0), param.size(1), "v_out");
   pass(param, grad, mU, ms, mVh, vU, vs, vVh, shift, m_out.data_ptr<float>(), v_out.data_ptr<float>(),
-       beta1, beta2, lr, weight_decay, eps, bc1, bc2);
+       beta1, beta2, lr, weight_decay, eps, bc1, bc2, bound);
 }
 
 // mlorc::adamw_update_ on a backend: the pass, moving the parameter only
@@ -42,9 +43,10 @@ template <AdamWPass pass>
 void adamw_update(at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU,
                   const at::Tensor& ms, const at::Tensor& mVh, const at::Tensor& vU,
                   const at::Tensor& vs, const at::Tensor& vVh, const at::Tensor& shift, double beta1,
-                  double beta2, double lr, double weight_decay, double eps, double bc1, double bc2) {
+                  double beta2, double lr, double weight_decay, double eps, double bc1, double bc2,
+                  double bound) {
   pass(param, grad, mU, ms, mVh, vU, vs, vVh, shift, nullptr, nullptr, beta1, beta2, lr, weight_decay,
-       eps, bc1, bc2);
+       eps, bc1, bc2, bound);
 }
 
 // A backend's fused MLorc_Lion pass over one matrix: moves param, and writes the new momentum to

@@ -336,8 +336,8 @@ def test_fused_without_accumulation_steps_steps_every_backward():
 
 def test_fused_in_trainer(dataset, tmp_path):
     """Trainer with the fused hooks equals Trainer without them when max_grad_norm=0. Trainer's global
-    clipping (max_grad_norm, default 1.0) is silently inert in the fused mode: it finds no gradients
-    (they were applied and freed during backward), so the fused run ignores it."""
+    clipping (max_grad_norm, default 1.0) is inert in the fused mode: it finds no gradients (they were
+    applied and freed during backward), so the fused run ignores it, and says so once."""
     def run(fused, max_grad_norm, out):
         model = make_model()
         opt = make_opt("AdamW", model)
@@ -348,8 +348,13 @@ def test_fused_in_trainer(dataset, tmp_path):
         return model
 
     plain_unclipped = run(False, 0.0, tmp_path / "a")
-    assert_params_equal(plain_unclipped, run(True, 0.0, tmp_path / "b"))
-    assert_params_equal(plain_unclipped, run(True, 1.0, tmp_path / "c"))      # clipping did nothing
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert_params_equal(plain_unclipped, run(True, 0.0, tmp_path / "b"))
+    assert not any("max_grad_norm" in str(w.message) for w in caught)          # no warning at 0
+    with pytest.warns(UserWarning, match="max_grad_norm=1.0 does nothing") as caught:
+        assert_params_equal(plain_unclipped, run(True, 1.0, tmp_path / "c"))  # clipping did nothing
+    assert sum("max_grad_norm" in str(w.message) for w in caught) == 1         # once, not every step
     plain_clipped = run(False, 0.1, tmp_path / "d")
     assert not torch.equal(plain_clipped.lm_head.weight, plain_unclipped.lm_head.weight)
 

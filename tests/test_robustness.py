@@ -419,3 +419,62 @@ def test_changing_between_two_ranks_takes_effect(name):
     opt.param_groups[0]["rank"] = 3
     run(opt, params, 1, start=2)
     assert opt.state[params[0]]["exp_avg_s"].shape == (3,)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Gradients too large to square
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("huge", [1e20, 1e30])
+def test_a_gradient_whose_square_overflows_is_refused_or_works(name, huge):
+    """Variants that square g (all but the Lion family) refuse |g| >= sqrt(float32 max) = 1.8e19
+    before anything changes, naming the parameter (the SVD of an inf moment used to fail with an
+    error that named none, after earlier parameters had moved); the Lion family takes it."""
+    params = make_params()
+    opt = make_opt(name, params, rank=2)
+    run(opt, params, 3)
+    set_grads(params, 3)
+    params[1].grad.view(-1)[7] = huge              # parameter 0 comes first: it must not move
+    before = snapshot(opt, params)
+    if opt.sign_based:
+        opt.step()
+        assert all_finite(opt, params)
+        return
+    with pytest.raises(RuntimeError, match=r"parameter 1 \(shape \(3, 4, 2, 2\)\) has gradient entries "
+                                           r"up to 1e\+[23]0, whose squares overflow"):
+        opt.step()
+    assert_snapshot_equal(snapshot(opt, params), before)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_large_gradients_below_the_limit_keep_everything_finite(name):
+    params = make_params()
+    opt = make_opt(name, params, rank=2)
+    run(opt, params, 3)
+    for p in params:
+        p.grad = torch.full_like(p, 1e18)
+    opt.step()
+    assert all_finite(opt, params)
+
+
+def test_came_state_saved_before_the_bounds_loads_and_steps():
+    """CAME's exp_avg_bound_row/col are new: a state dict without them loads, and its next step
+    bounds m~ by m~'s own row and column norms (no change beyond rounding), then keeps the bounds."""
+    params = make_params()
+    opt = make_opt("CAME", params, rank=2)
+    run(opt, params, 3)
+    saved = opt.state_dict()
+    for entries in saved["state"].values():
+        entries.pop("exp_avg_bound_row", None), entries.pop("exp_avg_bound_col", None)
+    resumed_params = [p.detach().clone().requires_grad_() for p in params]
+    resumed = make_opt("CAME", resumed_params, rank=2)
+    resumed.load_state_dict(saved)
+    for entries in opt.state.values():                         # no bound at all, for comparison
+        for key in ("exp_avg_bound_row", "exp_avg_bound_col"):
+            if key in entries:
+                entries[key] = torch.full_like(entries[key], math.inf)
+    run(opt, params, 1, start=3)
+    run(resumed, resumed_params, 1, start=3)
+    for p, q in zip(params, resumed_params):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+    assert "exp_avg_bound_row" in resumed.state[resumed_params[0]]

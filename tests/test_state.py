@@ -217,7 +217,7 @@ def expected_state_bytes(name, p, rank, slice_p=3):
     if name == "CAME":                                      # CAME's own factored second moment
         if p.ndim >= 2:
             rows, cols = p.shape[:-1].numel(), (p.shape[:-2] + p.shape[-1:]).numel()
-            nbytes += 2 * 4 * (rows + cols)                  # exp_avg_sq_row/col, exp_avg_res_row/col
+            nbytes += 3 * 4 * (rows + cols)                  # exp_avg_{sq,res,bound}_row/col
         else:
             nbytes += 4 * p.numel()                          # dense exp_avg_sq
     return nbytes
