@@ -99,6 +99,8 @@ runs a small demo that prints the loss and the optimizer-state bytes of AdamW an
 """
 
 import collections
+import contextlib
+import contextvars
 import math
 import os
 import sys
@@ -184,49 +186,41 @@ def reconstruct(U, s, Vh):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Reductions: every sum or mean over a parameter goes through one of these objects
+# Reductions: every sum or mean over a parameter in the update rules goes through these four
+# functions. In one process each is the plain torch call. A parameter split across ranks (FSDP2) is
+# stepped on each rank's block inside reductions_across(shards) (section "Sharded parameters"), which
+# makes them complete their sums across its ranks: the rules are written once, for whole tensors.
 
-class Whole:
-    """Reductions over a whole tensor: on one process each method is the plain torch call. A parameter
-    split across ranks (FSDP2) gets a `Sharded` instead (last section), which completes the same
-    reductions across its ranks; the update rules below never need to know which one they hold."""
-    group = None         # the process group the parameter is split over (none)
-
-    def total(self, partial):
-        """Sums computed over this rank's entries (any tensor of them), completed: here already are."""
-        return partial
-
-    def sum(self, x, dim=None, over=None):
-        """Sum of x over `dim` (all entries if None). `over` names the parameter dim that `dim` of x
-        stands for, when x is a statistic with fewer dims than the parameter (default: dim)."""
-        return x.sum() if dim is None else x.sum(dim)
-
-    def mean(self, x, dim=None, over=None):
-        """Mean of x over `dim` (all entries if None), as `sum`."""
-        return x.mean() if dim is None else x.mean(dim)
-
-    def subsample(self, x, every):
-        """Every `every`-th entry of the flattened x (Prodigy's and D-Adaptation's slice_p)."""
-        return x.reshape(-1)[::every]
-
-    def local(self, t):
-        """This rank's part of a parameter, gradient or state tensor."""
-        return t
-
-    def rsvd(self, A, rank, oversampling, power_iters, generators):
-        """[M4] of a batch (L, rows, cols) of this rank's matrices."""
-        return rsvd(A, rank, oversampling, power_iters, generators)
-
-    def wrap(self, state):
-        """New state entries, computed on local tensors, as they are stored."""
-        return state
-
-    def rounding(self, generator):
-        """The generator of stochastic rounding (the rest of the step's own stream)."""
-        return generator
+_SPLIT = contextvars.ContextVar("mlorc_split", default=None)     # the Sharded being stepped, if any
 
 
-WHOLE = Whole()
+def total(partial):
+    """Sums over a parameter's entries (any tensor of them), completed across ranks where it is split."""
+    split = _SPLIT.get()
+    return partial if split is None else split.total(partial)
+
+
+def reduce_sum(x, dim=None, over=None):
+    """Sum of x over `dim` (all entries if None). `over` names the parameter dim that `dim` of x stands
+    for, when x is a statistic with fewer dims than the parameter (default: dim)."""
+    split = _SPLIT.get()
+    if split is not None:
+        return split.sum(x, dim, over)
+    return x.sum() if dim is None else x.sum(dim)
+
+
+def reduce_mean(x, dim=None, over=None):
+    """Mean of x over `dim` (all entries if None), as reduce_sum."""
+    split = _SPLIT.get()
+    if split is not None:
+        return split.mean(x, dim, over)
+    return x.mean() if dim is None else x.mean(dim)
+
+
+def subsample(x, every):
+    """Every `every`-th entry of the flattened x (Prodigy's and D-Adaptation's slice_p)."""
+    split = _SPLIT.get()
+    return x.reshape(-1)[::every] if split is None else split.subsample(x, every)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -261,11 +255,11 @@ def load_moment(state, name, shape):
     return reconstruct(*factors(state, name)).view(shape)
 
 
-def negative_mean(v, shards=WHOLE):
+def negative_mean(v):
     """[M2]'s c: the mean of |v| over the negative entries of v (0 if there are none). No host sync."""
     negative = v < 0
-    total, count = shards.total(torch.stack([-v.clamp(max=0).sum(), negative.sum().to(v.dtype)]))
-    return total / count.clamp(min=1)
+    summed, count = total(torch.stack([-v.clamp(max=0).sum(), negative.sum().to(v.dtype)]))
+    return summed / count.clamp(min=1)
 
 
 def factors(state, name):
@@ -273,10 +267,10 @@ def factors(state, name):
     return tuple(state[name + suffix].contiguous() for suffix in ("_U", "_s", "_Vh"))
 
 
-def repair_second_moment(v, shards=WHOLE):
+def repair_second_moment(v):
     """[M2] A low-rank reconstruction of a non-negative matrix can be negative: entries below 0 are
     replaced by c, the mean of |v| over those entries (the paper's fix)."""
-    return torch.where(v < 0, negative_mean(v, shards), v)
+    return torch.where(v < 0, negative_mean(v), v)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -284,22 +278,22 @@ def repair_second_moment(v, shards=WHOLE):
 
 # (a) gradient transforms
 
-def clip_by_norm(g, max_norm, shards=WHOLE):
+def clip_by_norm(g, max_norm):
     """Scale g so its L2 norm is at most max_norm (None: unchanged). Out of place: g may alias p.grad.
     The norm is taken in fp64: the fp32 norm of finite entries above ~1e19 overflows."""
     if max_norm is None:
         return g
-    norm = shards.total(torch.linalg.vector_norm(g, dtype=torch.float64) ** 2).sqrt()
+    norm = total(torch.linalg.vector_norm(g, dtype=torch.float64) ** 2).sqrt()
     return g * (max_norm / norm.clamp(min=max_norm)).to(g.dtype)
 
 
-def orthograd(w, g, eps=1e-30, shards=WHOLE):
+def orthograd(w, g, eps=1e-30):
     """OrthoGrad (arXiv 2501.04697): remove the component of g parallel to the weight w, then rescale
     to g's norm, so the step cannot simply grow or shrink the weight (naive loss minimization)."""
     w, g_flat = w.reshape(-1).double(), g.reshape(-1).double()    # fp64: |g|^2 overflows fp32 at 1e19
-    wg, ww, gg = shards.total(torch.stack([w @ g_flat, w @ w, g_flat @ g_flat]))
+    wg, ww, gg = total(torch.stack([w @ g_flat, w @ w, g_flat @ g_flat]))
     g_orth = g_flat - wg / (ww + eps) * w
-    scale = gg.sqrt() / (shards.total(g_orth @ g_orth).sqrt() + eps)
+    scale = gg.sqrt() / (total(g_orth @ g_orth).sqrt() + eps)
     return (g_orth * scale).view_as(g).to(g.dtype)
 
 
@@ -366,13 +360,13 @@ def adopt_normalize(g, v_prev, eps, clip, use_atan2):
     return normed if clip is None else normed.clamp(-clip, clip)
 
 
-def came_factored_rsqrt(row, col, shards=WHOLE):
+def came_factored_rsqrt(row, col):
     """CAME/Adafactor's rank-1 estimate of 1/sqrt(V) from the row and column means of V."""
-    row_mean = shards.mean(row, -1, over=-2).unsqueeze(-1)      # row's last dim is the parameter's -2
+    row_mean = reduce_mean(row, -1, over=-2).unsqueeze(-1)      # row's last dim is the parameter's -2
     return (row / row_mean).rsqrt().unsqueeze(-1) * col.unsqueeze(-2).rsqrt()
 
 
-def came_direction(g, m_prev, stats, betas, eps, clip_threshold, shards=WHOLE):
+def came_direction(g, m_prev, stats, betas, eps, clip_threshold):
     """[M3][M6] CAME: Adafactor-normalized g with RMS clipping, its momentum m (the compressed moment),
     and the confidence-weighted direction. `stats` holds CAME's own second-moment statistics: row/col
     means for ndim >= 2, a dense exp_avg_sq otherwise, and for a compressed m the bounds of its rows
@@ -380,15 +374,15 @@ def came_direction(g, m_prev, stats, betas, eps, clip_threshold, shards=WHOLE):
     b1, b2, b3 = betas
     sq = g * g + eps[0]
     if "exp_avg_sq_row" in stats:
-        row = stats["exp_avg_sq_row"] * b2 + shards.mean(sq, -1) * (1 - b2)
-        col = stats["exp_avg_sq_col"] * b2 + shards.mean(sq, -2) * (1 - b2)
-        u = g * came_factored_rsqrt(row, col, shards)
+        row = stats["exp_avg_sq_row"] * b2 + reduce_mean(sq, -1) * (1 - b2)
+        col = stats["exp_avg_sq_col"] * b2 + reduce_mean(sq, -2) * (1 - b2)
+        u = g * came_factored_rsqrt(row, col)
         new_stats = {"exp_avg_sq_row": row, "exp_avg_sq_col": col}
     else:
         v = stats["exp_avg_sq"] * b2 + sq * (1 - b2)
         u, new_stats = g * v.rsqrt(), {"exp_avg_sq": v}
     if clip_threshold is not None:                                # cap the RMS of u at clip_threshold
-        u = u / (shards.mean(u * u).sqrt() / clip_threshold).clamp(min=1)
+        u = u / (reduce_mean(u * u).sqrt() / clip_threshold).clamp(min=1)
     if "exp_avg_bound_row" in stats:
         # [M2] for a compressed m: dense CAME's m_ij averages u_ij, so |m_ij| <= R_i and <= C_j, the
         # same averages of the row and column norms of u (which bound |u_ij|). A rebuilt m~ is clamped
@@ -396,16 +390,16 @@ def came_direction(g, m_prev, stats, betas, eps, clip_threshold, shards=WHOLE):
         row, col = stats["exp_avg_bound_row"], stats["exp_avg_bound_col"]
         bound = torch.minimum(row.unsqueeze(-1), col.unsqueeze(-2))
         m_prev = torch.minimum(torch.maximum(m_prev, -bound), bound)
-        new_stats.update(exp_avg_bound_row=row * b1 + shards.sum(u * u, -1).sqrt() * (1 - b1),
-                         exp_avg_bound_col=col * b1 + shards.sum(u * u, -2).sqrt() * (1 - b1))
+        new_stats.update(exp_avg_bound_row=row * b1 + reduce_sum(u * u, -1).sqrt() * (1 - b1),
+                         exp_avg_bound_col=col * b1 + reduce_sum(u * u, -2).sqrt() * (1 - b1))
     m = m_prev * b1 + u * (1 - b1)
     if "exp_avg_sq_row" not in stats:
         return m, m, new_stats
     res = (u - m) ** 2 + eps[1]                                   # instability: how far u is from m
-    res_row = stats["exp_avg_res_row"] * b3 + shards.mean(res, -1) * (1 - b3)
-    res_col = stats["exp_avg_res_col"] * b3 + shards.mean(res, -2) * (1 - b3)
+    res_row = stats["exp_avg_res_row"] * b3 + reduce_mean(res, -1) * (1 - b3)
+    res_col = stats["exp_avg_res_col"] * b3 + reduce_mean(res, -2) * (1 - b3)
     new_stats.update(exp_avg_res_row=res_row, exp_avg_res_col=res_col)
-    return came_factored_rsqrt(res_row, res_col, shards) * m, m, new_stats
+    return came_factored_rsqrt(res_row, res_col) * m, m, new_stats
 
 
 # (c) direction transforms
@@ -416,11 +410,11 @@ def grams(d, g):
     return g.sign() * d.abs()
 
 
-def cautious(d, g, shards=WHOLE):
+def cautious(d, g):
     """Cautious (arXiv 2411.16085): zero update entries whose sign disagrees with g, and rescale by
     the fraction kept so the mean step size is preserved."""
     mask = (d * g > 0).to(d.dtype)
-    return d * mask / shards.mean(mask).clamp(min=1e-3)
+    return d * mask / reduce_mean(mask).clamp(min=1e-3)
 
 
 # (d) apply
@@ -698,11 +692,64 @@ class _MLorcOptimizer(torch.optim.Optimizer):
         params = [(i, p) for i, p in enumerate(p for g in self.param_groups for p in g["params"])
                   if p.grad is not None]
         self._check_grads(params, self.param_groups)
-        params = [(i, p) for i, p in params if p.numel() > 0]       # an empty parameter: nothing to do
-        for batch, group in self._batches(params):
-            self._finish([self._prepare(p, index, group) for index, p in batch], group)
+        self._step_params([(i, p) for i, p in params if p.numel() > 0])   # an empty one: nothing to do
         self.end_step()
         return loss
+
+    def _step_params(self, params):
+        """The one place that picks each parameter's path: the plain step below (the definition), or
+        the faster paths of Part 2 for same-shape batches, the extension's one-pass op and sharded
+        parameters, each tested equal to it."""
+        for batch, group in self._batches(params):
+            if len(batch) == 1 and self._plain(batch[0][1], group):
+                self._step_param(batch[0][1], batch[0][0], group)
+            else:
+                self._step_batch(batch, group)
+
+    def _step_param(self, p, index, group):
+        """One parameter's step, [M1]-[M7] in order: the definition of the optimizer. Only
+        `_direction` varies between the variants."""
+        state = self._init_state(p, group)
+        step = state["step"] + 1
+        generator = sketch_generator(group["seed"], index, step, p.device)  # all the step's randomness
+        g, weight_decay = self._gradient(p, p.grad, group)
+        prev = {name: load_moment(state, name, p.shape) for name in self.moments}               # [M1]
+        for name in self.second_moments:
+            if name + "_U" in state:
+                prev[name] = repair_second_moment(prev[name])                                     # [M2]
+        d, lr, new = self._direction(p, g, prev, state, group, step)                    # [M3][M5][M6]
+        for name in self.moments:
+            if name + "_U" in state and name in new:                                               # [M4]
+                factors = rsvd(new.pop(name).reshape(matrix_shape(p)), group["rank"],
+                               group["oversampling"], group["power_iters"], generator)
+                new.update({name + suffix: f.clone(memory_format=torch.contiguous_format)
+                            for suffix, f in zip(("_U", "_s", "_Vh"), factors)})
+        state.update(new, step=step)
+        if d is not None:                                                                          # [M7]
+            d = self._options(d, g, group)
+            apply_update_(p, d, lr, weight_decay, generator if group["stochastic_rounding"] else None)
+
+    def _gradient(self, p, g, group):
+        """The gradient that [M3] averages, and the weight decay left for [M7]: in the state's dtype
+        (out of place: g may alias p.grad), negated to maximize, with L2 decay added (decouple=False:
+        ADOPT, Prodigy) and OrthoGrad applied."""
+        g = g.to(state_dtype(p))
+        if group["maximize"]:
+            g = -g
+        weight_decay = group["weight_decay"]
+        if not group.get("decouple", True):
+            g, weight_decay = g + weight_decay * p.to(g.dtype), 0.0
+        if group["use_orthograd"]:
+            g = orthograd(p, g)
+        return g, weight_decay
+
+    def _options(self, d, g, group):
+        """The options that change a direction: Grams, then cautious."""
+        if group["use_grams"]:
+            d = grams(d, g)
+        if group["use_cautious"]:
+            d = cautious(d, g)
+        return d
 
     def _batches(self, params):
         """Same-group, same-shape matrices together, up to the group's batch_bytes of dense moments
@@ -725,50 +772,49 @@ class _MLorcOptimizer(torch.optim.Optimizer):
         index, group = self._locate(p)
         self._check_grads([(index, p)], [group])
         if p.numel() > 0:                                # an empty parameter: nothing to do
-            self._step_param(p, index, group)
+            self._step_params([(index, p)])
 
     def end_step(self):
         """Finish an iteration: nothing to do, except for the adaptive step-size variants."""
 
-    def _step_param(self, p, index, group):
-        """The fixed pipeline of one parameter's step; only `_direction` varies between variants."""
-        self._finish([self._prepare(p, index, group)], group)
+    # -- Part 2 paths: batched, extension, sharded ------------------------------------------------
+
+    def _plain(self, p, group):
+        """Whether the plain step takes p: a whole parameter (not sharded) that the extension's fused
+        op does not cover."""
+        return shards_of(p) is WHOLE and not self._fused_applies(p, self._init_state(p, group), group)
+
+    def _step_batch(self, batch, group):
+        """The plain step for a batch of same-shape parameters: [M4] in batched calls, through the
+        extension's fused op where it applies, on each rank's block where p is sharded."""
+        self._finish([self._prepare(p, index, group) for index, p in batch], group)
 
     def _prepare(self, p, index, group):
         """[M1]-[M6] of one parameter: its new dense state and its update; nothing is changed yet."""
         shards = shards_of(p)                           # WHOLE, or how p is split across ranks
-        full_state = self._init_state(p, group, shards)
+        full_state = self._init_state(p, group)
         step = full_state["step"] + 1
         generator = sketch_generator(group["seed"], index, step, p.device)
         p, g = shards.local(p), shards.local(p.grad)   # from here on: this rank's part only
         state = {key: shards.local(value) for key, value in full_state.items()}
-        g = g.to(state_dtype(p))                        # aliases p.grad when fp32: only out-of-place ops
-        if group["maximize"]:
-            g = -g
-        weight_decay = group["weight_decay"]
-        if not group.get("decouple", True):             # L2 decay (ADOPT / Prodigy with decouple=False)
-            g, weight_decay = g + weight_decay * p.to(g.dtype), 0.0
-        if group["use_orthograd"]:
-            g = orthograd(p, g, shards=shards)
         work = dict(p=p, state=full_state, shards=shards, step=step, generator=generator)
-        if shards is WHOLE and self._fused_applies(p, state, group):   # the extension's one-pass twin
-            new = self._fused(p, g.contiguous(), state, group, step)  # of what follows
-            return dict(work, new=new, d=None, lr=0.0, weight_decay=0.0)
-        prev = {name: load_moment(state, name, p.shape) for name in self.moments}         # [M1]
-        for name in self.second_moments:
-            if name + "_U" in state:
-                prev[name] = repair_second_moment(prev[name], shards)                      # [M2]
-        d, lr, new = self._direction(p, g, prev, state, group, step, shards)               # [M3][M5][M6]
-        if d is not None and group["use_grams"]:
-            d = grams(d, g)
-        if d is not None and group["use_cautious"]:
-            d = cautious(d, g, shards)
+        with reductions_across(shards):
+            g, weight_decay = self._gradient(p, g, group)
+            if shards is WHOLE and self._fused_applies(p, state, group):   # the extension's one-pass
+                new = self._fused(p, g.contiguous(), state, group, step)  # twin of what follows
+                return dict(work, new=new, d=None, lr=0.0, weight_decay=0.0)
+            prev = {name: load_moment(state, name, p.shape) for name in self.moments}     # [M1]
+            for name in self.second_moments:
+                if name + "_U" in state:
+                    prev[name] = repair_second_moment(prev[name])                          # [M2]
+            d, lr, new = self._direction(p, g, prev, state, group, step)               # [M3][M5][M6]
+            if d is not None:
+                d = self._options(d, g, group)
         return dict(work, new=new, d=d, lr=lr, weight_decay=weight_decay)
 
     def _finish(self, batch, group):
         """[M4] compress the new moments of a batch of same-shape parameters in batched calls (each
         with its own generator), commit the state, then [M7] apply each update."""
-        batch = [work for work in batch if work is not None]
         suffixes = ("_U", "_s", "_Vh")
         fused = [w for w in batch if self.moments in w["new"]]    # the extension's NewMoments:
         if fused:                                                   # [M4] through products
@@ -826,24 +872,26 @@ class _MLorcOptimizer(torch.optim.Optimizer):
         wide = p.device.type == "cpu" and self.second_moments and width > CPU_PRODUCTS_MAX_WIDTH
         return width < min(matrix_shape(p)) and not wide
 
-    def _init_state(self, p, group, shards=WHOLE):
+    def _init_state(self, p, group):
         """The parameter's state, created on its first step: zero moments, factored for matrices."""
         state = self.state[p]
         if not state:
+            shards = shards_of(p)
             local, new = shards.local(p), {}
             for name in self.moments:
                 new.update({name + k: v for k, v in init_moment(local, group["rank"], p.shape).items()})
-            new.update(self._init_extra(local, group, shards))
+            with reductions_across(shards):
+                new.update(self._init_extra(local, group))
             state.update(step=0, **shards.wrap(new))
         return state
 
-    def _init_extra(self, p, group, shards):
+    def _init_extra(self, p, group):
         """Variant state beyond the low-rank moments (none by default)."""
         return {}
 
-    def _direction(self, p, g, prev, state, group, step, shards):
+    def _direction(self, p, g, prev, state, group, step):
         """Return (direction d or None to skip the update, lr of the step, new dense state). p, g and
-        state hold this rank's part; `shards` completes the reductions (see Whole)."""
+        state may hold one rank's block of a sharded parameter: the reductions complete its sums."""
         raise NotImplementedError
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -890,7 +938,7 @@ class _MLorcOptimizer(torch.optim.Optimizer):
                     expected.update({moment + k: v.shape for k, v in init_moment(meta, rank).items()})
                 sharded = _is_dtensor(p)
                 if not sharded:                          # a shard samples its variant entries per rank
-                    extra = self._init_extra(meta, {**group, **saved}, WHOLE)
+                    extra = self._init_extra(meta, {**group, **saved})
                     expected.update({k: v.shape for k, v in extra.items()})
                 where = f"{name}.load_state_dict: parameter {key} (shape {tuple(p.shape)})"
                 missing = expected.keys() - entries.keys() - set(self.added_entries)
@@ -926,7 +974,7 @@ class MLorc_AdamW(_MLorcOptimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
                          **options)
 
-    def _direction(self, p, g, prev, state, group, step, shards):
+    def _direction(self, p, g, prev, state, group, step):
         """Adam, or its atan2 form, on the new dense moments."""
         b1, b2 = group["betas"]
         m = prev["exp_avg"].lerp(g, 1 - b1)                                                # [M3]
@@ -969,10 +1017,10 @@ class MLorc_Lion(_MLorcOptimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay,
                                       clip_threshold=clip_threshold), **options)
 
-    def _direction(self, p, g, prev, state, group, step, shards):
+    def _direction(self, p, g, prev, state, group, step):
         """Lion: sign of b1 m~ + (1 - b1) g; the momentum then moves with b2."""
         b1, b2 = group["betas"]
-        g = clip_by_norm(g, group["clip_threshold"], shards)
+        g = clip_by_norm(g, group["clip_threshold"])
         d = lion_direction(prev["exp_avg"], g, b1)                                         # [M6]
         return d, group["lr"], {"exp_avg": prev["exp_avg"] * b2 + g * (1 - b2)}             # [M3]
 
@@ -1011,7 +1059,7 @@ class MLorc_Adopt(_MLorcOptimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       decouple=decouple, clip_exponent=clip_exponent), **options)
 
-    def _direction(self, p, g, prev, state, group, step, shards):
+    def _direction(self, p, g, prev, state, group, step):
         """ADOPT: normalize g by the previous v (or atan2), clip, then momentum; v last."""
         b1, b2 = group["betas"]
         if step == 1:
@@ -1045,7 +1093,7 @@ class MLorc_CAME(_MLorcOptimizer):
                                       clip_threshold=clip_threshold, weight_decay=weight_decay),
                          **options)
 
-    def _init_extra(self, p, group, shards):
+    def _init_extra(self, p, group):
         dtype = state_dtype(p)
         if p.ndim < 2:
             return {"exp_avg_sq": torch.zeros_like(p, dtype=dtype)}
@@ -1057,15 +1105,15 @@ class MLorc_CAME(_MLorcOptimizer):
                 "exp_avg_res_row": p.new_zeros(rows, dtype=dtype),
                 "exp_avg_res_col": p.new_zeros(cols, dtype=dtype), **bounds}
 
-    def _direction(self, p, g, prev, state, group, step, shards):
+    def _direction(self, p, g, prev, state, group, step):
         """CAME on the reconstructed m and CAME's own statistics."""
         stats = {key: state[key] for key in self.stats if key in state}
         if "exp_avg_U" in state and "exp_avg_bound_row" not in stats:    # saved before the bounds:
             square = prev["exp_avg"] ** 2                                # m~'s own row / column norms
-            stats.update(exp_avg_bound_row=shards.sum(square, -1).sqrt(),
-                         exp_avg_bound_col=shards.sum(square, -2).sqrt())
+            stats.update(exp_avg_bound_row=reduce_sum(square, -1).sqrt(),
+                         exp_avg_bound_col=reduce_sum(square, -2).sqrt())
         d, m, new = came_direction(g, prev["exp_avg"], stats, group["betas"], group["eps"],
-                                   group["clip_threshold"], shards)
+                                   group["clip_threshold"])
         new["exp_avg"] = m
         return d, group["lr"], new
 
@@ -1083,8 +1131,8 @@ class _AdaptiveStepSize(_MLorcOptimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_terms", {})
 
-    def _init_extra(self, p, group, shards):
-        return {"s": torch.zeros_like(shards.subsample(p, group["slice_p"]), dtype=state_dtype(p))}
+    def _init_extra(self, p, group):
+        return {"s": torch.zeros_like(subsample(p, group["slice_p"]), dtype=state_dtype(p))}
 
     def _take_sums(self):
         """The step's sums as floats, and whether anything was stepped. Summed in parameter order,
@@ -1118,13 +1166,21 @@ class _AdaptiveStepSize(_MLorcOptimizer):
             raise ValueError(f"{type(self).__name__}: all param groups must share one lr (or have "
                              f"lr=0, which freezes them); got {sorted(lrs)}")
 
+    def _step_params(self, params):
+        """lr = 0 freezes a group, but its state exists (DCP's initializing step runs at lr = 0)."""
+        for _, p in params:
+            if self._locate(p)[1]["lr"] == 0:
+                self._init_state(p, self._locate(p)[1])
+        super()._step_params([(index, p) for index, p in params if self._locate(p)[1]["lr"] > 0])
+
+    def _step_param(self, p, index, group):
+        super()._step_param(p, index, group)         # _direction returns this parameter's terms of
+        self._terms[index] = self.state[p].pop("terms")   # the d estimate with its new state
+
     def _prepare(self, p, index, group):
-        if group["lr"] > 0:                          # _direction returns this parameter's terms of
-            work = super()._prepare(p, index, group)  # the d estimate with the new state
-            self._terms[index] = work["new"].pop("terms")
-            return work
-        self._init_state(p, group, shards_of(p))     # lr = 0 freezes the group, but its state exists
-        return None                                  # (DCP's initializing step runs at lr = 0)
+        work = super()._prepare(p, index, group)
+        self._terms[index] = work["new"].pop("terms")
+        return work
 
 
 class MLorc_Prodigy(_AdaptiveStepSize):
@@ -1159,9 +1215,9 @@ class MLorc_Prodigy(_AdaptiveStepSize):
             safeguard_warmup=safeguard_warmup, d0=d0, d_coef=d_coef, growth_rate=growth_rate,
             slice_p=slice_p, d=d0, d_max=d0, d_numerator=0.0, k=0), **options)
 
-    def _init_extra(self, p, group, shards):
-        p0 = shards.subsample(p, group["slice_p"]).to(state_dtype(p), copy=True)
-        return {**super()._init_extra(p, group, shards), "p0": p0}
+    def _init_extra(self, p, group):
+        p0 = subsample(p, group["slice_p"]).to(state_dtype(p), copy=True)
+        return {**super()._init_extra(p, group), "p0": p0}
 
     def _scalars(self):
         """(d, d0, dlr, beta3) at the start of this step, from the global state in group 0."""
@@ -1172,13 +1228,13 @@ class MLorc_Prodigy(_AdaptiveStepSize):
         beta3 = self._global("beta3") if self._global("beta3") is not None else math.sqrt(b2)
         return d, self._global("d0"), d * lr * bias_correction, beta3
 
-    def _direction(self, p, g, prev, state, group, step, shards):
+    def _direction(self, p, g, prev, state, group, step):
         """Prodigy: Adam on d-scaled moments, plus this parameter's terms of the d estimate."""
         (b1, b2), (d, d0, dlr, beta3) = group["betas"], self._scalars()
-        g_slice, p_slice = shards.subsample(g, group["slice_p"]), shards.subsample(p, group["slice_p"])
+        g_slice, p_slice = subsample(g, group["slice_p"]), subsample(p, group["slice_p"])
         numerator = (d / d0) * dlr * (g_slice.reshape(-1) @ (state["p0"] - p_slice.to(g.dtype)).reshape(-1))
         s = state["s"] * beta3 + g_slice * ((d / d0) * (d if group["safeguard_warmup"] else dlr))
-        terms = shards.total(torch.stack([numerator, s.abs().sum()]))
+        terms = total(torch.stack([numerator, s.abs().sum()]))
         m = prev["exp_avg"] * b1 + g * (d * (1 - b1))                                      # [M3]
         v = prev["exp_avg_sq"] * b2 + g * g * (d * d * (1 - b2))
         if group["use_atan2"]:
@@ -1227,16 +1283,16 @@ class MLorc_DAdapt_Lion(_AdaptiveStepSize):
                                       slice_p=slice_p, clip_threshold=clip_threshold, d=d0, k=0,
                                       numerator_weighted=0.0), **options)
 
-    def _direction(self, p, g, prev, state, group, step, shards):
+    def _direction(self, p, g, prev, state, group, step):
         """Lion's sign step at d lr; the momentum accumulates d lr g (as in dadaptation)."""
         b1, b2 = group["betas"]
         dlr, sqrt_b2 = self._global("d") * self._global("lr"), math.sqrt(b2)
-        g = clip_by_norm(g, group["clip_threshold"], shards)
+        g = clip_by_norm(g, group["clip_threshold"])
         d = lion_direction(prev["exp_avg"], g, b1)                                         # [M6]
-        d_slice = shards.subsample(d, group["slice_p"])
+        d_slice = subsample(d, group["slice_p"])
         numerator = dlr * (d_slice.reshape(-1) @ state["s"].reshape(-1))
         s = state["s"] * sqrt_b2 + d_slice * ((1 - sqrt_b2) * dlr)
-        terms = shards.total(torch.stack([numerator, s.abs().sum()]))
+        terms = total(torch.stack([numerator, s.abs().sum()]))
         m = prev["exp_avg"] * b2 + g * ((1 - b2) * dlr)                                    # [M3]
         return d, dlr, {"exp_avg": m, "s": s, "terms": terms}
 
@@ -1448,6 +1504,41 @@ def all_ranks(flags, group):
     flags = flags.to(torch.int32)
     torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN, group=group)
     return flags.bool()
+
+
+class Whole:
+    """A parameter that is not split: the sharded path's operations (see Sharded) are the plain ones."""
+    group = None         # the process group the parameter is split over (none)
+
+    def local(self, t):
+        """This rank's part of a parameter, gradient or state tensor."""
+        return t
+
+    def rsvd(self, A, rank, oversampling, power_iters, generators):
+        """[M4] of a batch (L, rows, cols) of this rank's matrices."""
+        return rsvd(A, rank, oversampling, power_iters, generators)
+
+    def wrap(self, state):
+        """New state entries, computed on local tensors, as they are stored."""
+        return state
+
+    def rounding(self, generator):
+        """The generator of stochastic rounding (the rest of the step's own stream)."""
+        return generator
+
+
+WHOLE = Whole()
+
+
+@contextlib.contextmanager
+def reductions_across(shards):
+    """Within the block, the reductions (total, reduce_sum, reduce_mean, subsample) complete their
+    sums across the ranks that `shards` splits the parameter over (none for WHOLE)."""
+    token = _SPLIT.set(None if shards is WHOLE else shards)
+    try:
+        yield
+    finally:
+        _SPLIT.reset(token)
 
 
 def shards_of(p):

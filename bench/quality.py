@@ -69,13 +69,13 @@ class FactoredSecondMoment(mlorc.MLorc_AdamW):
     moments = ("exp_avg",)
     second_moments = ()
 
-    def _init_extra(self, p, group, shards):
+    def _init_extra(self, p, group):
         if p.ndim < 2:
             return {"exp_avg_sq": torch.zeros_like(p, dtype=torch.float32)}
         rows, cols = mlorc.matrix_shape(p)
         return {"exp_avg_sq_row": p.new_zeros(rows), "exp_avg_sq_col": p.new_zeros(cols)}
 
-    def _direction(self, p, g, prev, state, group, step, shards):
+    def _direction(self, p, g, prev, state, group, step):
         b1, b2 = group["betas"]
         m = prev["exp_avg"].lerp(g, 1 - b1)                                                # [M3]
         if p.ndim < 2:
@@ -122,20 +122,20 @@ class PairRepair(mlorc.MLorc_AdamW):
     |m~| <= C_(t-1) sqrt(v~) (mlorc.adam_ratio_bound), so that |m_hat / sqrt(v_hat)| <= B_t follows.
     Pure PyTorch only (run with MLORC_EXTENSION=0)."""
 
-    def _direction(self, p, g, prev, state, group, step, shards):
+    def _direction(self, p, g, prev, state, group, step):
         if "exp_avg_U" in state:
             b1, b2 = group["betas"]
             bound = mlorc.adam_ratio_bound(step - 1, b1, b2) * prev["exp_avg_sq"].sqrt()
             prev = {**prev, "exp_avg": torch.minimum(torch.maximum(prev["exp_avg"], -bound), bound)}
-        return super()._direction(p, g, prev, state, group, step, shards)
+        return super()._direction(p, g, prev, state, group, step)
 
 
 class DirectionClamp(mlorc.MLorc_AdamW):
     """MLorc_AdamW whose direction is clamped to +-B_t, the largest |m_hat / sqrt(v_hat)| of dense
     Adam at step t (mlorc.adam_ratio_bound). Pure PyTorch only (run with MLORC_EXTENSION=0)."""
 
-    def _direction(self, p, g, prev, state, group, step, shards):
-        d, lr, new = super()._direction(p, g, prev, state, group, step, shards)
+    def _direction(self, p, g, prev, state, group, step):
+        d, lr, new = super()._direction(p, g, prev, state, group, step)
         if "exp_avg_U" in state:
             bound = mlorc.adam_ratio_bound(step, *group["betas"], bias_correction=True)
             d = d.clamp(-bound, bound)

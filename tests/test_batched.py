@@ -1,4 +1,6 @@
 """step() compresses same-shape matrices together (batch_bytes); the result must not depend on it.
+One at a time (batch_bytes=0, float64: no extension), every parameter takes the plain step, the
+optimizer's definition, so these tests hold the batched path equal to it.
 
 Each matrix keeps its own generator, so batching changes only how the linear algebra is grouped:
 batched and single matmuls / solvers round differently. The comparison runs in float64, where that
@@ -45,6 +47,14 @@ def test_batched_compression_equals_one_at_a_time(cls, kwargs, device):
         for value in opt_batched.state[p].values():
             if torch.is_tensor(value):
                 assert value.untyped_storage().nbytes() == value.numel() * value.element_size()
+
+
+def test_one_at_a_time_is_the_plain_step(monkeypatch):
+    def batched(*args):
+        raise AssertionError("the batched path was taken")
+    monkeypatch.setattr(mlorc._MLorcOptimizer, "_step_batch", batched)
+    for cls, kwargs in VARIANTS:
+        run(cls, kwargs, 0, "cpu", steps=2)
 
 
 def test_batches_group_same_shapes_within_the_byte_budget():
