@@ -90,12 +90,14 @@ The optional C++ extension in csrc/ (when it sits beside this file) is built on 
 torch's cpp_extension: about 25 s on 2 CPU cores, once (cached in TORCH_EXTENSIONS_DIR). MLORC_EXTENSION=0
 turns it off; mlorc.py copied alone runs in pure PyTorch, with no warning.
 
-Each matrix needs its own SVD: the pipeline below runs one parameter at a time ([M1]-[M6] in
-_prepare, [M4] and [M7] in _finish), and step() hands _finish batches of same-shape matrices so that
-their randomized SVDs run as a few batched calls (each matrix still draws from its own generator, so
-the result does not depend on the batching). FSDP2's sharded parameters (DTensors) take the same
-pipeline on each rank's block; section "Sharded parameters" says what crosses ranks. `python mlorc.py`
-runs a small demo that prints the loss and the optimizer-state bytes of AdamW and MLorc side by side.
+How to read this file. Part 1 is the optimizer: the randomized SVD, the moment state, the update
+rules (dense tensors and numbers in, new tensors out), and _MLorcOptimizer._step_param, the plain
+per-parameter step that is the definition ([M1]-[M7] in order; each variant only supplies
+_direction), then the six thin classes. Part 2 holds the faster paths, each tested equal to the plain
+step: same-shape matrices compressed in batched calls, the C++/CUDA extension's one-pass ops, and
+FSDP2's sharded parameters, stepped on each rank's block. _MLorcOptimizer._step_params picks the
+path, in one place. `python mlorc.py` runs a small demo that prints the loss and the optimizer-state
+bytes of AdamW and MLorc side by side.
 """
 
 import collections
@@ -116,13 +118,6 @@ __all__ = [
 ]
 
 ATAN2_SCALE = 4 / math.pi  # Adam-atan2's a: makes the update's scale match Adam's for |m| ~ sqrt(v)
-FUSED_MAX_RANK = 32        # the extension rebuilds each entry with an r-term loop: past a few dozen
-                           # terms the matmul of the pure path is faster
-CPU_PRODUCTS_MAX_WIDTH = 24  # on the CPU each of [M4]'s products rebuilds a second moment from its
-                           # factors: for sketches wider than this (rank > 20 with the default
-                           # oversampling), writing the new moments once and multiplying them with
-                           # BLAS is faster. A first moment alone (Lion) takes the products at any
-                           # width: they leave its rebuild out (bench/cpu_products.py)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -449,52 +444,6 @@ def _is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _is_dtensor(p):
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:                              # torch built without distributed support
-        return False
-    return isinstance(p, DTensor)
-
-
-def _local(t):
-    """This process's part of t: the local block of a DTensor, t itself otherwise."""
-    return t.to_local() if _is_dtensor(t) else t
-
-
-def _within(g, limit):
-    """Whether every entry of g is finite and below `limit` in magnitude, as a 0-dim bool tensor (no
-    host sync). aminmax is one pass with no full-size temporaries (isfinite(g).all() makes several)
-    and propagates NaN."""
-    if g.numel() == 0:
-        return torch.ones((), dtype=torch.bool, device=g.device)
-    extremes = torch.stack(torch.aminmax(g))
-    return (torch.isfinite(extremes) & (extremes.abs() < limit)).all()
-
-
-def _hooked(handle):
-    """Whether a hook handle (or None) is still attached (not removed)."""
-    return handle is not None and handle.id in (handle.hooks_dict_ref() or {})
-
-
-def _warn_if_trainer_clips():
-    """With the fused backward pass the gradients are applied and freed during backward, so a Hugging
-    Face Trainer's global clipping (max_grad_norm > 0; its default is 1.0) finds none and does
-    nothing. Say so: step() is called from Trainer's training loop, whose frame holds the Trainer."""
-    trainer_module = sys.modules.get("transformers.trainer")
-    frame = sys._getframe(2)
-    while trainer_module is not None and frame is not None:
-        trainer = frame.f_locals.get("self")
-        if isinstance(trainer, trainer_module.Trainer):
-            if trainer.args.max_grad_norm > 0:
-                warnings.warn(f"mlorc: Trainer's max_grad_norm={trainer.args.max_grad_norm} does nothing "
-                              "with attach_fused_backward: the gradients are applied and freed during "
-                              "backward, so clipping finds none. Set max_grad_norm=0 (Lion variants can "
-                              "clip each gradient with clip_threshold)", stacklevel=3)
-            return
-        frame = frame.f_back
-
-
 def _is_number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -543,136 +492,6 @@ class _MLorcOptimizer(torch.optim.Optimizer):
         self._fused_handles = {}     # id(p) -> the hook attach_fused_backward gave p
         super().__init__(params, defaults)
 
-    # -- validation -----------------------------------------------------------------------------
-
-    def _validate_group(self, group):
-        """Every hyperparameter check and every forbidden combination of options, in one place."""
-        name = type(self).__name__
-
-        def bad(arg, why):
-            raise ValueError(f"{name}: invalid {arg}={group[arg]!r}: {why}")
-
-        if not _is_number(group["lr"]) or not group["lr"] >= 0:
-            bad("lr", "must be a number >= 0")
-        betas = group["betas"]
-        if len(_as_tuple(betas)) != self.n_betas:
-            bad("betas", f"{name} takes {self.n_betas} betas")
-        if not all(_is_number(b) and 0 <= b < 1 for b in betas):
-            bad("betas", "each beta must be in [0, 1)")
-        if group.get("beta3") is not None and not (_is_number(group["beta3"]) and 0 <= group["beta3"] < 1):
-            bad("beta3", "must be in [0, 1), or None for sqrt(betas[1])")
-        if group.get("clip_exponent") is not None and not (_is_number(group["clip_exponent"])
-                                                           and group["clip_exponent"] >= 0):
-            bad("clip_exponent", "must be >= 0, or None for no clipping")
-        for arg in ("weight_decay", "eps"):
-            if arg in group and not all(_is_number(e) and e >= 0 for e in _as_tuple(group[arg])):
-                bad(arg, "must be a number >= 0" if arg == "weight_decay" else "must be numbers >= 0")
-        if group["rank"] is not None and (not _is_int(group["rank"]) or group["rank"] < 1):
-            bad("rank", "must be an int >= 1, or None for dense moments")
-        for arg in ("oversampling", "power_iters", "batch_bytes"):
-            if not _is_int(group[arg]) or group[arg] < 0:
-                bad(arg, "must be an int >= 0")
-        if not _is_int(group["seed"]):
-            bad("seed", "must be an int")
-        if group.get("clip_threshold") is not None and not (_is_number(group["clip_threshold"])
-                                                             and group["clip_threshold"] > 0):
-            bad("clip_threshold", "must be > 0, or None for no clipping")
-        for arg in ("d0", "d_coef", "growth_rate"):
-            if arg in group and not (_is_number(group[arg]) and group[arg] > 0):
-                bad(arg, "must be a number > 0")
-        if "slice_p" in group and (not _is_int(group["slice_p"]) or group["slice_p"] < 1):
-            bad("slice_p", "must be an int >= 1")
-        if self.sign_based and group["use_grams"]:
-            bad("use_grams", f"{name}'s step is already a sign; Grams would make it signSGD")
-        if group["use_grams"] and group["use_cautious"]:
-            bad("use_cautious", "Grams takes the sign of g, so the cautious mask could never fire")
-        if group["use_atan2"] and not self.supports_atan2:
-            bad("use_atan2", f"{name} has no m / sqrt(v) division to replace")
-
-    def add_param_group(self, param_group):
-        """Validate the group with its defaults filled in first, so a rejected group is not added."""
-        params = param_group["params"]
-        params = [params] if torch.is_tensor(params) else list(params)
-        self._validate_group({**self.defaults, **param_group, "params": params})
-        for p in params:
-            if not p.is_floating_point() and not p.is_complex():
-                raise ValueError(f"{type(self).__name__}: parameter of shape {tuple(p.shape)} has dtype "
-                                 f"{p.dtype}; only floating-point parameters can be optimized")
-            if p.is_complex():
-                raise ValueError(f"{type(self).__name__}: complex parameter of shape {tuple(p.shape)} "
-                                 "is not supported; optimize torch.view_as_real(p) instead")
-            if _is_dtensor(p):
-                Sharded(p, type(self).__name__)      # raises for layouts other than FSDP2's
-        super().add_param_group({**param_group, "params": params})
-        self._index = None
-
-    # A saved group that lacks an option was written before the option existed: it gets the value
-    # that reproduces the saved run. For the sketch that is the first release's (oversampling 4, one
-    # power iteration), not today's default; for the other options, their default (their absence).
-    BEFORE_OPTION = {"oversampling": 4, "power_iters": 1}
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:              # state dicts saved before an option existed
-            for key, value in self.defaults.items():
-                group.setdefault(key, self.BEFORE_OPTION.get(key, value))
-        self._index = None
-        self.__dict__.setdefault("_fused_handles", {})
-
-    def _locate(self, p):
-        """(global index, group) of a parameter; the index seeds its sketches."""
-        if self._index is None:
-            params = [(q, group) for group in self.param_groups for q in group["params"]]
-            self._index = {q: (i, group) for i, (q, group) in enumerate(params)}
-        return self._index[p]
-
-    def _check_grads(self, params, groups):
-        """Raise before anything changes: bad hyperparameters (set since construction), sparse or
-        non-finite gradients name their parameter. One host sync per device for the whole step."""
-        name = type(self).__name__
-        for group in groups:
-            self._validate_group(group)
-        # the extension's first use on a device is checked here, before anything changes (with
-        # MLORC_EXTENSION=1 it may raise), and only where a fused step may follow
-        for device in {p.device for _, p in params if self._may_fuse(p, self._locate(p)[1])}:
-            extension_ready(device)
-        by_device = {}
-        for index, p in params:
-            state, rank = self.state.get(p), self._locate(p)[1]["rank"]
-            if state and (self.moments[0] + "_U" in state) != (p.ndim >= 2 and rank is not None):
-                held = "rank-r factors" if rank is None else "dense moments"
-                raise ValueError(f"{name}: parameter {index} (shape {tuple(p.shape)}) holds {held}, but "
-                                 f"its group's rank is now {rank!r}; switching between rank=None and a "
-                                 "number after the first step is not supported (a new optimizer, or a "
-                                 "state dict saved with that rank, can)")
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{name}: parameter {index} has a sparse gradient; not supported")
-            shards = shards_of(p)
-            if shards is not WHOLE and getattr(p.grad, "placements", None) != p.placements:
-                raise RuntimeError(f"{name}: parameter {index}'s gradient is not split like the "
-                                   "parameter (expected a DTensor with the same placements)")
-            by_device.setdefault((p.grad.device, shards.group), []).append((index, p, shards))
-        for (_, process_group), items in by_device.items():
-            usable = torch.stack([_within(shards.local(p.grad), self._grad_limit(p)) for _, p, shards in items])
-            if process_group is not None:         # every rank must raise, or the others would hang
-                usable = all_ranks(usable, process_group)
-            for (index, p, shards), ok in zip(items, usable.tolist()):
-                if ok:
-                    continue
-                where, g = f"{name}: parameter {index} (shape {tuple(p.shape)})", shards.local(p.grad)
-                if shards.group is None and _within(g, math.inf):
-                    raise RuntimeError(f"{where} has gradient entries up to {g.abs().max().item():.3g}, "
-                                       f"whose squares overflow {state_dtype(p)} (|g| must stay below "
-                                       f"{self._grad_limit(p):.3g}); parameters and state are unchanged")
-                on_ranks = "" if shards.group is None else " (or one whose square overflows) on some rank"
-                raise RuntimeError(f"{where} has a non-finite gradient{on_ranks}; parameters and state "
-                                   "are unchanged")
-
-    def _grad_limit(self, p):
-        """The largest |g| the step can take: the variants that square g (every one but the Lion
-        family) need g * g finite in the state's dtype; the rest only finite g."""
-        return math.inf if self.sign_based else math.sqrt(torch.finfo(state_dtype(p)).max)
-
     # -- the step -------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -696,15 +515,27 @@ class _MLorcOptimizer(torch.optim.Optimizer):
         self.end_step()
         return loss
 
+    @torch.no_grad()
+    def step_param(self, p):
+        """Step one parameter now (the fused backward pass calls this from a gradient hook).
+        Prodigy and D-Adapt Lion then need end_step() once all parameters are stepped."""
+        index, group = self._locate(p)
+        self._check_grads([(index, p)], [group])
+        if p.numel() > 0:                                # an empty parameter: nothing to do
+            self._step_params([(index, p)])
+
+    def end_step(self):
+        """Finish an iteration: nothing to do, except for the adaptive step-size variants."""
+
     def _step_params(self, params):
         """The one place that picks each parameter's path: the plain step below (the definition), or
         the faster paths of Part 2 for same-shape batches, the extension's one-pass op and sharded
         parameters, each tested equal to it."""
-        for batch, group in self._batches(params):
-            if len(batch) == 1 and self._plain(batch[0][1], group):
+        for batch, group in same_shape_batches(self, params):
+            if len(batch) == 1 and takes_plain_step(self, batch[0][1], group):
                 self._step_param(batch[0][1], batch[0][0], group)
             else:
-                self._step_batch(batch, group)
+                step_batch(self, batch, group)                    # Part 2
 
     def _step_param(self, p, index, group):
         """One parameter's step, [M1]-[M7] in order: the definition of the optimizer. Only
@@ -751,127 +582,6 @@ class _MLorcOptimizer(torch.optim.Optimizer):
             d = cautious(d, g)
         return d
 
-    def _batches(self, params):
-        """Same-group, same-shape matrices together, up to the group's batch_bytes of dense moments
-        (the results do not depend on the batching: each parameter keeps its own generator)."""
-        buckets = {}
-        for index, p in params:
-            group = self._locate(p)[1]
-            key = (id(group), tuple(p.shape), getattr(p, "placements", None)) if p.ndim >= 2 \
-                else (id(group), index)
-            buckets.setdefault(key, (group, []))[1].append((index, p))
-        for group, items in buckets.values():
-            per_batch = max(1, group["batch_bytes"] // (4 * items[0][1].numel() * len(self.moments)))
-            for start in range(0, len(items), per_batch):
-                yield items[start:start + per_batch], group
-
-    @torch.no_grad()
-    def step_param(self, p):
-        """Step one parameter now (the fused backward pass calls this from a gradient hook).
-        Prodigy and D-Adapt Lion then need end_step() once all parameters are stepped."""
-        index, group = self._locate(p)
-        self._check_grads([(index, p)], [group])
-        if p.numel() > 0:                                # an empty parameter: nothing to do
-            self._step_params([(index, p)])
-
-    def end_step(self):
-        """Finish an iteration: nothing to do, except for the adaptive step-size variants."""
-
-    # -- Part 2 paths: batched, extension, sharded ------------------------------------------------
-
-    def _plain(self, p, group):
-        """Whether the plain step takes p: a whole parameter (not sharded) that the extension's fused
-        op does not cover."""
-        return shards_of(p) is WHOLE and not self._fused_applies(p, self._init_state(p, group), group)
-
-    def _step_batch(self, batch, group):
-        """The plain step for a batch of same-shape parameters: [M4] in batched calls, through the
-        extension's fused op where it applies, on each rank's block where p is sharded."""
-        self._finish([self._prepare(p, index, group) for index, p in batch], group)
-
-    def _prepare(self, p, index, group):
-        """[M1]-[M6] of one parameter: its new dense state and its update; nothing is changed yet."""
-        shards = shards_of(p)                           # WHOLE, or how p is split across ranks
-        full_state = self._init_state(p, group)
-        step = full_state["step"] + 1
-        generator = sketch_generator(group["seed"], index, step, p.device)
-        p, g = shards.local(p), shards.local(p.grad)   # from here on: this rank's part only
-        state = {key: shards.local(value) for key, value in full_state.items()}
-        work = dict(p=p, state=full_state, shards=shards, step=step, generator=generator)
-        with reductions_across(shards):
-            g, weight_decay = self._gradient(p, g, group)
-            if shards is WHOLE and self._fused_applies(p, state, group):   # the extension's one-pass
-                new = self._fused(p, g.contiguous(), state, group, step)  # twin of what follows
-                return dict(work, new=new, d=None, lr=0.0, weight_decay=0.0)
-            prev = {name: load_moment(state, name, p.shape) for name in self.moments}     # [M1]
-            for name in self.second_moments:
-                if name + "_U" in state:
-                    prev[name] = repair_second_moment(prev[name])                          # [M2]
-            d, lr, new = self._direction(p, g, prev, state, group, step)               # [M3][M5][M6]
-            if d is not None:
-                d = self._options(d, g, group)
-        return dict(work, new=new, d=d, lr=lr, weight_decay=weight_decay)
-
-    def _finish(self, batch, group):
-        """[M4] compress the new moments of a batch of same-shape parameters in batched calls (each
-        with its own generator), commit the state, then [M7] apply each update."""
-        suffixes = ("_U", "_s", "_Vh")
-        fused = [w for w in batch if self.moments in w["new"]]    # the extension's NewMoments:
-        if fused:                                                   # [M4] through products
-            A = FusedMoments([A for w in fused for A in w["new"].pop(self.moments)])
-            factors = rsvd(A, group["rank"], group["oversampling"], group["power_iters"],
-                           [w["generator"] for w in fused for _ in self.moments])  # m's Omega, then v's
-            for i, (w, name) in enumerate((w, name) for w in fused for name in self.moments):
-                w["new"].update({name + suffix: f[i].clone() for suffix, f in zip(suffixes, factors)})
-        for name in self.moments:
-            factored = [w for w in batch if name in w["new"] and name + "_U" in w["state"]]
-            if not factored:
-                continue
-            matrices = [w["new"].pop(name).reshape(matrix_shape(w["p"])) for w in factored]
-            A = torch.stack(matrices) if len(matrices) > 1 else matrices[0].unsqueeze(0)  # (L, m, n)
-            del matrices
-            factors = factored[0]["shards"].rsvd(A, group["rank"], group["oversampling"],      # [M4]
-                                                 group["power_iters"], [w["generator"] for w in factored])
-            del A
-            for i, w in enumerate(factored):          # clone: a view would pin the whole batch
-                w["new"].update({name + suffix: f[i].clone(memory_format=torch.contiguous_format)
-                                 for suffix, f in zip(suffixes, factors)})
-        for w in batch:
-            w["state"].update(w["shards"].wrap(w["new"]))
-            w["state"]["step"] = w["step"]
-            if w["d"] is not None:                                                         # [M7]
-                rounding = w["shards"].rounding(w["generator"]) if group["stochastic_rounding"] else None
-                apply_update_(w["p"], w["d"], w["lr"], w["weight_decay"], rounding)
-
-    def _may_fuse(self, p, group):
-        """What `_fused_applies` asks of the parameter and its group alone: a whole (not sharded) fp32
-        contiguous matrix with factored moments, no option that changes the direction."""
-        return (self._fused is not None and p.dtype == torch.float32 and p.is_contiguous()
-                and p.ndim >= 2 and not _is_dtensor(p) and group["rank"] is not None
-                and not (group["use_grams"] or group["use_cautious"] or group["use_atan2"]))
-
-    def _fused_applies(self, p, state, group):
-        """Whether the extension's fused op (see `_fused`) covers this parameter's step: `_may_fuse`,
-        factors in the state of at most FUSED_MAX_RANK terms, the extension ready on its device."""
-        return (self._may_fuse(p, group)
-                and all(name + "_U" in state and state[name + "_s"].numel() <= FUSED_MAX_RANK
-                        for name in self.moments)
-                and extension_ready(p.device))
-
-    _fused = None    # AdamW / Lion: one pass of [M1]-[M3], [M5]-[M7] in csrc/, returning the new moments
-
-    def _old_factors(self, state):
-        """The (U, s, Vh) of each moment, as the extension wants them."""
-        return [factors(state, name) for name in self.moments]
-
-    def _through_products(self, p, group):
-        """Whether the fused step hands [M4] NewMoments, which it reaches through products (see
-        FusedMoments), instead of writing the new moments out: where [M4] sketches the matrix (takes
-        no exact SVD) with a sketch the device's products serve well."""
-        width = group["rank"] + group["oversampling"]
-        wide = p.device.type == "cpu" and self.second_moments and width > CPU_PRODUCTS_MAX_WIDTH
-        return width < min(matrix_shape(p)) and not wide
-
     def _init_state(self, p, group):
         """The parameter's state, created on its first step: zero moments, factored for matrices."""
         state = self.state[p]
@@ -894,13 +604,54 @@ class _MLorcOptimizer(torch.optim.Optimizer):
         state may hold one rank's block of a sharded parameter: the reductions complete its sums."""
         raise NotImplementedError
 
-    # -- checkpoints ----------------------------------------------------------------------------
+    # -- checks and checkpoints: every refusal comes before anything changes (section "Checks") ---
+
+    def add_param_group(self, param_group):
+        """Validate the group with its defaults filled in first, so a rejected group is not added."""
+        params = param_group["params"]
+        params = [params] if torch.is_tensor(params) else list(params)
+        validate_group(self, {**self.defaults, **param_group, "params": params})
+        for p in params:
+            if not p.is_floating_point() and not p.is_complex():
+                raise ValueError(f"{type(self).__name__}: parameter of shape {tuple(p.shape)} has dtype "
+                                 f"{p.dtype}; only floating-point parameters can be optimized")
+            if p.is_complex():
+                raise ValueError(f"{type(self).__name__}: complex parameter of shape {tuple(p.shape)} "
+                                 "is not supported; optimize torch.view_as_real(p) instead")
+            if _is_dtensor(p):
+                Sharded(p, type(self).__name__)      # raises for layouts other than FSDP2's
+        super().add_param_group({**param_group, "params": params})
+        self._index = None
+
+    # A saved group that lacks an option was written before the option existed: it gets the value
+    # that reproduces the saved run. For the sketch that is the first release's (oversampling 4, one
+    # power iteration), not today's default; for the other options, their default (their absence).
+    BEFORE_OPTION = {"oversampling": 4, "power_iters": 1}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:              # state dicts saved before an option existed
+            for key, value in self.defaults.items():
+                group.setdefault(key, self.BEFORE_OPTION.get(key, value))
+        self._index = None
+        self.__dict__.setdefault("_fused_handles", {})
+
+    def _locate(self, p):
+        """(global index, group) of a parameter; the index seeds its sketches."""
+        if self._index is None:
+            params = [(q, group) for group in self.param_groups for q in group["params"]]
+            self._index = {q: (i, group) for i, (q, group) in enumerate(params)}
+        return self._index[p]
+
+    def _check_grads(self, params, groups):
+        """Raise before anything changes (check_grads); the adaptive variants add a check of their own."""
+        check_grads(self, params, groups)
 
     def load_state_dict(self, state_dict):
         """Check the saved state against the parameters first (a refused state dict changes nothing),
         then load. torch casts floating state to the parameter dtype (bf16 would round the fp32
         factors): restore the saved tensors as they were, on the parameter's device."""
-        self._check_state_dict(state_dict)
+        check_state_dict(self, state_dict)
         saved_keys = [key for group in state_dict["param_groups"] for key in group["params"]]
         params = dict(zip(saved_keys, (p for group in self.param_groups for p in group["params"])))
         super().load_state_dict(state_dict)
@@ -909,51 +660,6 @@ class _MLorcOptimizer(torch.optim.Optimizer):
             for name, value in entries.items():
                 if torch.is_tensor(value):
                     self.state[p][name] = value.to(p.device, copy=True)
-
-    def _check_state_dict(self, state_dict):
-        """Raise ValueError, naming the parameter and the entry, unless each saved parameter state
-        has exactly the entries this class creates for that parameter at the saved group's rank,
-        with their shapes: another class's state, a transposed matrix or a missing factor would
-        otherwise surface at the next step, after the current state is gone."""
-        name = type(self).__name__
-        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
-            raise ValueError(f"{name}.load_state_dict: state_dict must be a dict with 'state' and "
-                             "'param_groups' (an optimizer's state_dict()), got "
-                             f"{type(state_dict).__name__}")
-        groups = state_dict["param_groups"]
-        if len(groups) != len(self.param_groups) or any(
-                len(saved["params"]) != len(group["params"])
-                for saved, group in zip(groups, self.param_groups)):
-            raise ValueError(f"{name}.load_state_dict: the state dict's param groups do not match this "
-                             "optimizer's (number of groups or of parameters in a group)")
-        for saved, group in zip(groups, self.param_groups):
-            for key, p in zip(saved["params"], group["params"]):
-                entries = state_dict["state"].get(key)
-                if not entries:
-                    continue
-                meta = torch.empty(p.shape, dtype=p.dtype, device="meta")   # shapes only (a shard's:
-                rank = saved.get("rank", group["rank"])                     # the whole parameter's)
-                expected = {"step": None}
-                for moment in self.moments:
-                    expected.update({moment + k: v.shape for k, v in init_moment(meta, rank).items()})
-                sharded = _is_dtensor(p)
-                if not sharded:                          # a shard samples its variant entries per rank
-                    extra = self._init_extra(meta, {**group, **saved})
-                    expected.update({k: v.shape for k, v in extra.items()})
-                where = f"{name}.load_state_dict: parameter {key} (shape {tuple(p.shape)})"
-                missing = expected.keys() - entries.keys() - set(self.added_entries)
-                unknown = set() if sharded else entries.keys() - expected.keys()
-                if missing or unknown:
-                    raise ValueError(f"{where}: saved entries {sorted(entries)} are not this optimizer's "
-                                     f"{sorted(expected)} at rank {rank!r} (missing {sorted(missing)}, "
-                                     f"unexpected {sorted(unknown)})")
-                for entry, shape in expected.items():
-                    if entry not in entries:             # one of added_entries: created at the step
-                        continue
-                    value = entries[entry]
-                    if shape is not None and (not torch.is_tensor(value) or value.shape != shape):
-                        got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-                        raise ValueError(f"{where}: entry {entry!r} has shape {got}, expected {tuple(shape)}")
 
 
 class MLorc_AdamW(_MLorcOptimizer):
@@ -983,23 +689,6 @@ class MLorc_AdamW(_MLorcOptimizer):
                             bounded="exp_avg_U" in state)
         return d, group["lr"], {"exp_avg": m, "exp_avg_sq": v}
 
-    def _fused(self, p, g, state, group, step):
-        """mlorc::adamw_step_: _direction and [M7] in one pass over the matrix, moments rebuilt from
-        their factors entry by entry; returns the new dense moments for [M4] (or, where
-        _through_products, only the update: the NewMoments under the key self.moments, which [M4]
-        then reaches through products, see FusedMoments)."""
-        (b1, b2), (rows, cols) = group["betas"], matrix_shape(p)
-        P, G, m_old, v_old = p.view(rows, cols), g.view(rows, cols), *self._old_factors(state)
-        shift = torch.ops.mlorc.negative_mean(*v_old)                                       # [M2]
-        scalars = (b1, b2, group["lr"], group["weight_decay"], group["eps"], 1 - b1 ** step, 1 - b2 ** step,
-                   adam_ratio_bound(step, b1, b2))      # the kernel clamps m / (sqrt(v) + eps'): C_t
-        if self._through_products(p, group):
-            torch.ops.mlorc.adamw_update_(P, G, *m_old, *v_old, shift, *scalars)
-            return {self.moments: [NewMoment(G, m_old, b1), NewMoment(G, v_old, b2, True, shift)]}
-        m, v = torch.empty(rows, cols, device=p.device), torch.empty(rows, cols, device=p.device)
-        torch.ops.mlorc.adamw_step_(P, G, *m_old, *v_old, shift, m, v, *scalars)
-        return {"exp_avg": m.view(p.shape), "exp_avg_sq": v.view(p.shape)}
-
 
 class MLorc_Lion(_MLorcOptimizer):
     __doc__ = """Lion (lion_pytorch.Lion semantics) with a rank-r compressed momentum.
@@ -1023,20 +712,6 @@ class MLorc_Lion(_MLorcOptimizer):
         g = clip_by_norm(g, group["clip_threshold"])
         d = lion_direction(prev["exp_avg"], g, b1)                                         # [M6]
         return d, group["lr"], {"exp_avg": prev["exp_avg"] * b2 + g * (1 - b2)}             # [M3]
-
-    def _fused(self, p, g, state, group, step):
-        """mlorc::lion_step_: _direction and [M7] in one pass; returns the new dense momentum (or
-        NewMoments, as MLorc_AdamW._fused)."""
-        (b1, b2), (rows, cols) = group["betas"], matrix_shape(p)
-        g = clip_by_norm(g, group["clip_threshold"])
-        P, G, (m_old,) = p.view(rows, cols), g.view(rows, cols), self._old_factors(state)
-        scalars = (b1, b2, group["lr"], group["weight_decay"])
-        if self._through_products(p, group):
-            torch.ops.mlorc.lion_update_(P, G, *m_old, *scalars)
-            return {self.moments: [NewMoment(G, m_old, b2)]}
-        m = torch.empty(rows, cols, device=p.device)
-        torch.ops.mlorc.lion_step_(P, G, *m_old, m, *scalars)
-        return {"exp_avg": m.view(p.shape)}
 
 
 class MLorc_Adopt(_MLorcOptimizer):
@@ -1177,11 +852,6 @@ class _AdaptiveStepSize(_MLorcOptimizer):
         super()._step_param(p, index, group)         # _direction returns this parameter's terms of
         self._terms[index] = self.state[p].pop("terms")   # the d estimate with its new state
 
-    def _prepare(self, p, index, group):
-        work = super()._prepare(p, index, group)
-        self._terms[index] = work["new"].pop("terms")
-        return work
-
 
 class MLorc_Prodigy(_AdaptiveStepSize):
     __doc__ = """Prodigy (prodigyopt.Prodigy semantics) with rank-r compressed m and v.
@@ -1312,7 +982,359 @@ class MLorc_DAdapt_Lion(_AdaptiveStepSize):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Fast path: the optional C++/CUDA extension in csrc/
+# Checks: every refusal comes before anything changes, and names the parameter or the argument
+
+def validate_group(opt, group):
+    """Every hyperparameter check and every forbidden combination of options, in one place."""
+    name = type(opt).__name__
+
+    def bad(arg, why):
+        raise ValueError(f"{name}: invalid {arg}={group[arg]!r}: {why}")
+
+    if not _is_number(group["lr"]) or not group["lr"] >= 0:
+        bad("lr", "must be a number >= 0")
+    betas = group["betas"]
+    if len(_as_tuple(betas)) != opt.n_betas:
+        bad("betas", f"{name} takes {opt.n_betas} betas")
+    if not all(_is_number(b) and 0 <= b < 1 for b in betas):
+        bad("betas", "each beta must be in [0, 1)")
+    if group.get("beta3") is not None and not (_is_number(group["beta3"]) and 0 <= group["beta3"] < 1):
+        bad("beta3", "must be in [0, 1), or None for sqrt(betas[1])")
+    if group.get("clip_exponent") is not None and not (_is_number(group["clip_exponent"])
+                                                       and group["clip_exponent"] >= 0):
+        bad("clip_exponent", "must be >= 0, or None for no clipping")
+    for arg in ("weight_decay", "eps"):
+        if arg in group and not all(_is_number(e) and e >= 0 for e in _as_tuple(group[arg])):
+            bad(arg, "must be a number >= 0" if arg == "weight_decay" else "must be numbers >= 0")
+    if group["rank"] is not None and (not _is_int(group["rank"]) or group["rank"] < 1):
+        bad("rank", "must be an int >= 1, or None for dense moments")
+    for arg in ("oversampling", "power_iters", "batch_bytes"):
+        if not _is_int(group[arg]) or group[arg] < 0:
+            bad(arg, "must be an int >= 0")
+    if not _is_int(group["seed"]):
+        bad("seed", "must be an int")
+    if group.get("clip_threshold") is not None and not (_is_number(group["clip_threshold"])
+                                                         and group["clip_threshold"] > 0):
+        bad("clip_threshold", "must be > 0, or None for no clipping")
+    for arg in ("d0", "d_coef", "growth_rate"):
+        if arg in group and not (_is_number(group[arg]) and group[arg] > 0):
+            bad(arg, "must be a number > 0")
+    if "slice_p" in group and (not _is_int(group["slice_p"]) or group["slice_p"] < 1):
+        bad("slice_p", "must be an int >= 1")
+    if opt.sign_based and group["use_grams"]:
+        bad("use_grams", f"{name}'s step is already a sign; Grams would make it signSGD")
+    if group["use_grams"] and group["use_cautious"]:
+        bad("use_cautious", "Grams takes the sign of g, so the cautious mask could never fire")
+    if group["use_atan2"] and not opt.supports_atan2:
+        bad("use_atan2", f"{name} has no m / sqrt(v) division to replace")
+
+
+def check_grads(opt, params, groups):
+    """Raise before anything changes: bad hyperparameters (set since construction), sparse or
+    non-finite gradients name their parameter. One host sync per device for the whole step."""
+    name = type(opt).__name__
+    for group in groups:
+        validate_group(opt, group)
+    # the extension's first use on a device is checked here, before anything changes (with
+    # MLORC_EXTENSION=1 it may raise), and only where a fused step may follow
+    for device in {p.device for _, p in params if may_fuse(opt, p, opt._locate(p)[1])}:
+        extension_ready(device)
+    by_device = {}
+    for index, p in params:
+        state, rank = opt.state.get(p), opt._locate(p)[1]["rank"]
+        if state and (opt.moments[0] + "_U" in state) != (p.ndim >= 2 and rank is not None):
+            held = "rank-r factors" if rank is None else "dense moments"
+            raise ValueError(f"{name}: parameter {index} (shape {tuple(p.shape)}) holds {held}, but "
+                             f"its group's rank is now {rank!r}; switching between rank=None and a "
+                             "number after the first step is not supported (a new optimizer, or a "
+                             "state dict saved with that rank, can)")
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{name}: parameter {index} has a sparse gradient; not supported")
+        shards = shards_of(p)
+        if shards is not WHOLE and getattr(p.grad, "placements", None) != p.placements:
+            raise RuntimeError(f"{name}: parameter {index}'s gradient is not split like the "
+                               "parameter (expected a DTensor with the same placements)")
+        by_device.setdefault((p.grad.device, shards.group), []).append((index, p, shards))
+    for (_, process_group), items in by_device.items():
+        usable = torch.stack([_within(shards.local(p.grad), grad_limit(opt, p)) for _, p, shards in items])
+        if process_group is not None:         # every rank must raise, or the others would hang
+            usable = all_ranks(usable, process_group)
+        for (index, p, shards), ok in zip(items, usable.tolist()):
+            if ok:
+                continue
+            where, g = f"{name}: parameter {index} (shape {tuple(p.shape)})", shards.local(p.grad)
+            if shards.group is None and _within(g, math.inf):
+                raise RuntimeError(f"{where} has gradient entries up to {g.abs().max().item():.3g}, "
+                                   f"whose squares overflow {state_dtype(p)} (|g| must stay below "
+                                   f"{grad_limit(opt, p):.3g}); parameters and state are unchanged")
+            on_ranks = "" if shards.group is None else " (or one whose square overflows) on some rank"
+            raise RuntimeError(f"{where} has a non-finite gradient{on_ranks}; parameters and state "
+                               "are unchanged")
+
+
+def grad_limit(opt, p):
+    """The largest |g| the step can take: the variants that square g (every one but the Lion
+    family) need g * g finite in the state's dtype; the rest only finite g."""
+    return math.inf if opt.sign_based else math.sqrt(torch.finfo(state_dtype(p)).max)
+
+
+def _within(g, limit):
+    """Whether every entry of g is finite and below `limit` in magnitude, as a 0-dim bool tensor (no
+    host sync). aminmax is one pass with no full-size temporaries (isfinite(g).all() makes several)
+    and propagates NaN."""
+    if g.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=g.device)
+    extremes = torch.stack(torch.aminmax(g))
+    return (torch.isfinite(extremes) & (extremes.abs() < limit)).all()
+
+
+def _warn_if_trainer_clips():
+    """With the fused backward pass the gradients are applied and freed during backward, so a Hugging
+    Face Trainer's global clipping (max_grad_norm > 0; its default is 1.0) finds none and does
+    nothing. Say so: step() is called from Trainer's training loop, whose frame holds the Trainer."""
+    trainer_module = sys.modules.get("transformers.trainer")
+    frame = sys._getframe(2)
+    while trainer_module is not None and frame is not None:
+        trainer = frame.f_locals.get("self")
+        if isinstance(trainer, trainer_module.Trainer):
+            if trainer.args.max_grad_norm > 0:
+                warnings.warn(f"mlorc: Trainer's max_grad_norm={trainer.args.max_grad_norm} does nothing "
+                              "with attach_fused_backward: the gradients are applied and freed during "
+                              "backward, so clipping finds none. Set max_grad_norm=0 (Lion variants can "
+                              "clip each gradient with clip_threshold)", stacklevel=3)
+            return
+        frame = frame.f_back
+
+
+def check_state_dict(opt, state_dict):
+    """Raise ValueError, naming the parameter and the entry, unless each saved parameter state
+    has exactly the entries this class creates for that parameter at the saved group's rank,
+    with their shapes: another class's state, a transposed matrix or a missing factor would
+    otherwise surface at the next step, after the current state is gone."""
+    name = type(opt).__name__
+    if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+        raise ValueError(f"{name}.load_state_dict: state_dict must be a dict with 'state' and "
+                         "'param_groups' (an optimizer's state_dict()), got "
+                         f"{type(state_dict).__name__}")
+    groups = state_dict["param_groups"]
+    if len(groups) != len(opt.param_groups) or any(
+            len(saved["params"]) != len(group["params"])
+            for saved, group in zip(groups, opt.param_groups)):
+        raise ValueError(f"{name}.load_state_dict: the state dict's param groups do not match this "
+                         "optimizer's (number of groups or of parameters in a group)")
+    for saved, group in zip(groups, opt.param_groups):
+        for key, p in zip(saved["params"], group["params"]):
+            entries = state_dict["state"].get(key)
+            if not entries:
+                continue
+            meta = torch.empty(p.shape, dtype=p.dtype, device="meta")   # shapes only (a shard's:
+            rank = saved.get("rank", group["rank"])                     # the whole parameter's)
+            expected = {"step": None}
+            for moment in opt.moments:
+                expected.update({moment + k: v.shape for k, v in init_moment(meta, rank).items()})
+            sharded = _is_dtensor(p)
+            if not sharded:                          # a shard samples its variant entries per rank
+                extra = opt._init_extra(meta, {**group, **saved})
+                expected.update({k: v.shape for k, v in extra.items()})
+            where = f"{name}.load_state_dict: parameter {key} (shape {tuple(p.shape)})"
+            missing = expected.keys() - entries.keys() - set(opt.added_entries)
+            unknown = set() if sharded else entries.keys() - expected.keys()
+            if missing or unknown:
+                raise ValueError(f"{where}: saved entries {sorted(entries)} are not this optimizer's "
+                                 f"{sorted(expected)} at rank {rank!r} (missing {sorted(missing)}, "
+                                 f"unexpected {sorted(unknown)})")
+            for entry, shape in expected.items():
+                if entry not in entries:             # one of added_entries: created at the step
+                    continue
+                value = entries[entry]
+                if shape is not None and (not torch.is_tensor(value) or value.shape != shape):
+                    got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                    raise ValueError(f"{where}: entry {entry!r} has shape {got}, expected {tuple(shape)}")
+
+
+# ====================================================================================================
+# Part 2: the faster paths. Everything above is the optimizer; everything below computes the same
+# step faster, or on several processes, and is tested equal to the plain step (_step_param):
+#   batches    step() compresses the same-shape matrices of a group together, in batched calls
+#   extension  the optional C++/CUDA ops of csrc/: AdamW's and Lion's step in one pass over each
+#              matrix, and [M4] through products with moments that are never written out
+#   sharded    FSDP2's parameters: each rank steps its own block
+# _MLorcOptimizer._step_params sends a parameter here unless the plain step takes it.
+# ====================================================================================================
+
+# ----------------------------------------------------------------------------------------------------
+# Batches
+
+def same_shape_batches(opt, params):
+    """Same-group, same-shape matrices together, up to the group's batch_bytes of dense moments
+    (the results do not depend on the batching: each parameter keeps its own generator)."""
+    buckets = {}
+    for index, p in params:
+        group = opt._locate(p)[1]
+        key = (id(group), tuple(p.shape), getattr(p, "placements", None)) if p.ndim >= 2 \
+            else (id(group), index)
+        buckets.setdefault(key, (group, []))[1].append((index, p))
+    for group, items in buckets.values():
+        per_batch = max(1, group["batch_bytes"] // (4 * items[0][1].numel() * len(opt.moments)))
+        for start in range(0, len(items), per_batch):
+            yield items[start:start + per_batch], group
+
+
+def takes_plain_step(opt, p, group):
+    """Whether the plain step takes p: a whole parameter (not sharded) that the extension's fused
+    op does not cover."""
+    return shards_of(p) is WHOLE and not fused_applies(opt, p, opt._init_state(p, group), group)
+
+
+def step_batch(opt, batch, group):
+    """The plain step of a batch of same-shape parameters, in two halves: prepare_step ([M1]-[M3],
+    [M5], [M6] of each, on each rank's block where p is sharded, through the extension's fused op
+    where it applies), then finish_batch ([M4] in batched calls, [M7])."""
+    finish_batch(opt, [prepare_step(opt, p, index, group) for index, p in batch], group)
+
+
+def prepare_step(opt, p, index, group):
+    """[M1]-[M6] of one parameter: its new dense state and its update; nothing is changed yet."""
+    shards = shards_of(p)                           # WHOLE, or how p is split across ranks
+    full_state = opt._init_state(p, group)
+    step = full_state["step"] + 1
+    generator = sketch_generator(group["seed"], index, step, p.device)
+    p, g = shards.local(p), shards.local(p.grad)   # from here on: this rank's part only
+    state = {key: shards.local(value) for key, value in full_state.items()}
+    work = dict(p=p, state=full_state, shards=shards, step=step, generator=generator)
+    with reductions_across(shards):
+        g, weight_decay = opt._gradient(p, g, group)
+        if shards is WHOLE and fused_applies(opt, p, state, group):   # the extension's one-pass
+            new = fused_op(opt)(opt, p, g.contiguous(), state, group, step)  # twin of what follows
+            return dict(work, new=new, d=None, lr=0.0, weight_decay=0.0)
+        prev = {name: load_moment(state, name, p.shape) for name in opt.moments}     # [M1]
+        for name in opt.second_moments:
+            if name + "_U" in state:
+                prev[name] = repair_second_moment(prev[name])                          # [M2]
+        d, lr, new = opt._direction(p, g, prev, state, group, step)               # [M3][M5][M6]
+        if d is not None:
+            d = opt._options(d, g, group)
+    if "terms" in new:                              # Prodigy's and D-Adapt Lion's terms of d
+        opt._terms[index] = new.pop("terms")
+    return dict(work, new=new, d=d, lr=lr, weight_decay=weight_decay)
+
+
+def finish_batch(opt, batch, group):
+    """[M4] compress the new moments of a batch of same-shape parameters in batched calls (each
+    with its own generator), commit the state, then [M7] apply each update."""
+    suffixes = ("_U", "_s", "_Vh")
+    fused = [w for w in batch if opt.moments in w["new"]]    # the extension's NewMoments:
+    if fused:                                                   # [M4] through products
+        A = FusedMoments([A for w in fused for A in w["new"].pop(opt.moments)])
+        factors = rsvd(A, group["rank"], group["oversampling"], group["power_iters"],
+                       [w["generator"] for w in fused for _ in opt.moments])  # m's Omega, then v's
+        for i, (w, name) in enumerate((w, name) for w in fused for name in opt.moments):
+            w["new"].update({name + suffix: f[i].clone() for suffix, f in zip(suffixes, factors)})
+    for name in opt.moments:
+        factored = [w for w in batch if name in w["new"] and name + "_U" in w["state"]]
+        if not factored:
+            continue
+        matrices = [w["new"].pop(name).reshape(matrix_shape(w["p"])) for w in factored]
+        A = torch.stack(matrices) if len(matrices) > 1 else matrices[0].unsqueeze(0)  # (L, m, n)
+        del matrices
+        factors = factored[0]["shards"].rsvd(A, group["rank"], group["oversampling"],      # [M4]
+                                             group["power_iters"], [w["generator"] for w in factored])
+        del A
+        for i, w in enumerate(factored):          # clone: a view would pin the whole batch
+            w["new"].update({name + suffix: f[i].clone(memory_format=torch.contiguous_format)
+                             for suffix, f in zip(suffixes, factors)})
+    for w in batch:
+        w["state"].update(w["shards"].wrap(w["new"]))
+        w["state"]["step"] = w["step"]
+        if w["d"] is not None:                                                         # [M7]
+            rounding = w["shards"].rounding(w["generator"]) if group["stochastic_rounding"] else None
+            apply_update_(w["p"], w["d"], w["lr"], w["weight_decay"], rounding)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The optional C++/CUDA extension in csrc/
+
+FUSED_MAX_RANK = 32        # the extension rebuilds each entry with an r-term loop: past a few dozen
+                           # terms the matmul of the pure path is faster
+CPU_PRODUCTS_MAX_WIDTH = 24  # on the CPU each of [M4]'s products rebuilds a second moment from its
+                           # factors: for sketches wider than this (rank > 20 with the default
+                           # oversampling), writing the new moments once and multiplying them with
+                           # BLAS is faster. A first moment alone (Lion) takes the products at any
+                           # width: they leave its rebuild out (bench/cpu_products.py)
+
+
+def may_fuse(opt, p, group):
+    """What fused_applies asks of the parameter and its group alone: an optimizer with a fused op,
+    a whole (not sharded) fp32 contiguous matrix with factored moments, no option that changes the
+    direction."""
+    return (fused_op(opt) is not None and p.dtype == torch.float32 and p.is_contiguous()
+            and p.ndim >= 2 and not _is_dtensor(p) and group["rank"] is not None
+            and not (group["use_grams"] or group["use_cautious"] or group["use_atan2"]))
+
+
+def fused_applies(opt, p, state, group):
+    """Whether the extension's fused op (fused_op) covers this parameter's step: may_fuse,
+    factors in the state of at most FUSED_MAX_RANK terms, the extension ready on its device."""
+    return (may_fuse(opt, p, group)
+            and all(name + "_U" in state and state[name + "_s"].numel() <= FUSED_MAX_RANK
+                    for name in opt.moments)
+            and extension_ready(p.device))
+
+
+def old_factors(opt, state):
+    """The (U, s, Vh) of each moment, as the extension wants them."""
+    return [factors(state, name) for name in opt.moments]
+
+
+def through_products(opt, p, group):
+    """Whether the fused step hands [M4] NewMoments, which it reaches through products (see
+    FusedMoments), instead of writing the new moments out: where [M4] sketches the matrix (takes
+    no exact SVD) with a sketch the device's products serve well."""
+    width = group["rank"] + group["oversampling"]
+    wide = p.device.type == "cpu" and opt.second_moments and width > CPU_PRODUCTS_MAX_WIDTH
+    return width < min(matrix_shape(p)) and not wide
+
+
+def adamw_fused(opt, p, g, state, group, step):
+    """MLorc_AdamW's fused op, mlorc::adamw_step_: _direction and [M7] in one pass over the matrix,
+    the moments rebuilt from their factors entry by entry. Returns the new dense moments for [M4]
+    or, where through_products, only NewMoments under the key opt.moments, which [M4] then reaches
+    through products (FusedMoments)."""
+    (b1, b2), (rows, cols) = group["betas"], matrix_shape(p)
+    P, G, m_old, v_old = p.view(rows, cols), g.view(rows, cols), *old_factors(opt, state)
+    shift = torch.ops.mlorc.negative_mean(*v_old)                                       # [M2]
+    scalars = (b1, b2, group["lr"], group["weight_decay"], group["eps"], 1 - b1 ** step, 1 - b2 ** step,
+               adam_ratio_bound(step, b1, b2))      # the kernel clamps m / (sqrt(v) + eps'): C_t
+    if through_products(opt, p, group):
+        torch.ops.mlorc.adamw_update_(P, G, *m_old, *v_old, shift, *scalars)
+        return {opt.moments: [NewMoment(G, m_old, b1), NewMoment(G, v_old, b2, True, shift)]}
+    m, v = torch.empty(rows, cols, device=p.device), torch.empty(rows, cols, device=p.device)
+    torch.ops.mlorc.adamw_step_(P, G, *m_old, *v_old, shift, m, v, *scalars)
+    return {"exp_avg": m.view(p.shape), "exp_avg_sq": v.view(p.shape)}
+
+
+def lion_fused(opt, p, g, state, group, step):
+    """MLorc_Lion's fused op, mlorc::lion_step_: _direction and [M7] in one pass; returns the new
+    dense momentum (or NewMoments, as adamw_fused)."""
+    (b1, b2), (rows, cols) = group["betas"], matrix_shape(p)
+    g = clip_by_norm(g, group["clip_threshold"])
+    P, G, (m_old,) = p.view(rows, cols), g.view(rows, cols), old_factors(opt, state)
+    scalars = (b1, b2, group["lr"], group["weight_decay"])
+    if through_products(opt, p, group):
+        torch.ops.mlorc.lion_update_(P, G, *m_old, *scalars)
+        return {opt.moments: [NewMoment(G, m_old, b2)]}
+    m = torch.empty(rows, cols, device=p.device)
+    torch.ops.mlorc.lion_step_(P, G, *m_old, m, *scalars)
+    return {"exp_avg": m.view(p.shape)}
+
+
+FUSED_OPS = {MLorc_AdamW: adamw_fused, MLorc_Lion: lion_fused}
+
+
+def fused_op(opt):
+    """The extension's one-pass op of the optimizer's class or a base of it (AdamW and Lion), or None."""
+    return next((FUSED_OPS[cls] for cls in type(opt).__mro__ if cls in FUSED_OPS), None)
+
 
 _extension = {}      # "loaded": bool, once load_extension() has decided; "ready": {device type: bool}
 CXX_FLAGS = ["-O3", "-fno-math-errno"]    # no errno from sqrtf: lets the per-entry loops vectorize
@@ -1498,6 +1520,19 @@ def extension_loaded():
 # same way while s and the other factor are replicated. What crosses blocks are the reductions (norms,
 # means, [M2]'s c, Prodigy's sums: `Sharded` all-reduces them) and [M4], which `sharded_rsvd` runs
 # with all-reduces of (r + p)-wide matrices. None of this runs for ordinary tensors.
+
+def _is_dtensor(p):
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:                              # torch built without distributed support
+        return False
+    return isinstance(p, DTensor)
+
+
+def _local(t):
+    """This process's part of t: the local block of a DTensor, t itself otherwise."""
+    return t.to_local() if _is_dtensor(t) else t
+
 
 def all_ranks(flags, group):
     """Whether each flag holds on every rank of the process group (an all-reduce of the minimum)."""
@@ -1706,6 +1741,11 @@ def sharded_rsvd(A, rank, oversampling, power_iters, generators, shards):
 # ----------------------------------------------------------------------------------------------------
 # Fused backward pass and memory accounting
 
+def _hooked(handle):
+    """Whether a hook handle (or None) is still attached (not removed)."""
+    return handle is not None and handle.id in (handle.hooks_dict_ref() or {})
+
+
 def attach_fused_backward(params, optimizer, accumulation_steps=1):
     """Step each parameter during backward, as soon as its gradient is accumulated, and free the
     gradient right away: peak memory then holds one gradient, not all of them. This is the one place
@@ -1759,7 +1799,6 @@ def attach_fused_backward(params, optimizer, accumulation_steps=1):
             handles.append(p.register_post_accumulate_grad_hook(hook))
             optimizer._fused_handles[id(p)] = handles[-1]
     return handles
-
 
 
 def finetune_param_groups(model, weight_decay=0.01, rank=4, dense_embeddings=False):

@@ -10,7 +10,7 @@ moment_matmul, which rebuilds them from their factors in every product (no dense
 dense moments held, as in the pure path). Two optimizers over the same parameters and gradients take
 turns step by step in one process, every sketch of one going through products
 (mlorc.CPU_PRODUCTS_MAX_WIDTH set past all widths), the other writing its moments (its
-_through_products answering no); printed: the median step of each, their ratio, and the way mlorc
+through_products answering no); printed: the median step of each, their ratio, and the way mlorc
 takes at that rank.
 """
 import argparse
@@ -39,7 +39,7 @@ def main():
     cls = getattr(mlorc, args.optimizer)
     print(f"{args.optimizer}, preset {args.preset}, oversampling 4, one power iteration, {args.steps} "
           f"alternating steps, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    default = mlorc.CPU_PRODUCTS_MAX_WIDTH
+    default, through_products = mlorc.CPU_PRODUCTS_MAX_WIDTH, mlorc.through_products
     try:
         for rank in (int(r) for r in args.ranks.split(",")):
             gen = torch.Generator().manual_seed(0)
@@ -49,7 +49,8 @@ def main():
                 p.grad = torch.randn(p.shape, generator=gen) * 1e-3
             optimizers = {way: cls(params, lr=1e-5, rank=rank, oversampling=4, power_iters=1)
                           for way in ("products", "dense")}
-            optimizers["dense"]._through_products = lambda p, group: False
+            mlorc.through_products = lambda opt, p, group: (opt is not optimizers["dense"]
+                                                            and through_products(opt, p, group))
             mlorc.CPU_PRODUCTS_MAX_WIDTH = sys.maxsize
             times = {way: [] for way in optimizers}
             for i in range(args.warmup + args.steps):
@@ -63,7 +64,7 @@ def main():
             print(f"rank {rank:3d} (sketch {rank + 4:2d} wide): products {products:7.1f} ms, "
                   f"dense {dense:7.1f} ms, products / dense {products / dense:.2f}  (mlorc takes {taken})")
     finally:
-        mlorc.CPU_PRODUCTS_MAX_WIDTH = default
+        mlorc.CPU_PRODUCTS_MAX_WIDTH, mlorc.through_products = default, through_products
 
 
 if __name__ == "__main__":

@@ -94,25 +94,26 @@ class FactoredSecondMoment(mlorc.MLorc_AdamW):
 class WarmStartSketch(mlorc.MLorc_AdamW):
     """MLorc_AdamW whose [M4] sketch starts from the previous step's right factors (as PowerSGD does):
     Omega = [Vh_prev^T, `oversampling` fresh Gaussian columns] instead of r + p fresh ones. Pure
-    PyTorch only (run with MLORC_EXTENSION=0)."""
+    PyTorch only (run with MLORC_EXTENSION=0); one parameter at a time, through the plain step."""
 
-    def _finish(self, batch, group):
-        batch = [w for w in batch if w is not None]
-        queue = [[w["state"].get(name + "_Vh") for w in batch if name in w["new"]
-                  and name + "_U" in w["state"]] for name in self.moments]
+    def __init__(self, params, **options):
+        super().__init__(params, **{**options, "batch_bytes": 0})
+
+    def _step_param(self, p, index, group):
+        state = self.state.get(p, {})
+        queue = [state.get(name + "_Vh") for name in self.moments]      # m's, then v's sketch
         original = mlorc.gaussian_sketch
 
-        def warm(generators, n, width, like):               # called once per moment, in order
+        def warm(generators, n, width, like):
             fresh = original(generators, n, width, like)
-            previous = queue.pop(0)
-            for i, Vh in enumerate(previous):
-                if Vh is not None and Vh.abs().sum() > 0:
-                    fresh[i, :, :Vh.shape[0]] = Vh.mT
+            Vh = queue.pop(0)
+            if Vh is not None and Vh.abs().sum() > 0:
+                fresh[0, :, :Vh.shape[0]] = Vh.mT
             return fresh
 
         mlorc.gaussian_sketch = warm
         try:
-            super()._finish(batch, group)
+            super()._step_param(p, index, group)
         finally:
             mlorc.gaussian_sketch = original
 
