@@ -65,5 +65,6 @@ def test_batches_group_same_shapes_within_the_byte_budget():
     # three; the two (3, 4, 2, 2) tensors (384 bytes each) fit together; vectors go alone
     opt = mlorc.MLorc_AdamW(params, batch_bytes=2000)
     indexed = list(enumerate(params))
-    sizes = sorted((tuple(params[batch[0][0]].shape), len(batch)) for batch, _ in mlorc.same_shape_batches(opt, indexed))
+    sizes = sorted((tuple(params[batch[0][0]].shape), len(batch))
+                   for batch, _ in mlorc.same_shape_batches(opt, indexed))
     assert sizes == sorted([((12, 10), 2), ((12, 10), 1), ((7,), 1), ((3, 4, 2, 2), 2), ((10, 12), 1)])
