@@ -136,7 +136,9 @@ __attribute__((always_inline)) inline void add_factors_part(const NewMoment& A, 
 
 // The lane totals of 16 vectors: totals[q] is the sum of v[q]'s lanes. With 16-lane vectors, four
 // rounds of adding pairs of vectors' halves ([a.lo | b.lo] + [a.hi | b.hi]) instead of 240 scalar
-// adds; narrower vectors have fewer lanes to add one by one. The order of the sums is fixed.
+// adds; narrower vectors have fewer lanes to add one by one. The order of the sums is fixed. With
+// the one-by-one adds for 16-lane vectors too, MLorc_AdamW r=4's whole step took 1.06x as long
+// (products 1.17x; MLorc_Lion's step 0.97x, products 1.09x: bench/compare_builds.py, BENCHMARKS.md).
 template <int kHalf, class V>
 __attribute__((always_inline)) inline V add_halves(V a, V b) {
   // a and b each hold 8 / h groups of 2 h partial sums (one group per vector of lane_totals' input);
