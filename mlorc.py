@@ -538,8 +538,8 @@ class _MLorcOptimizer(torch.optim.Optimizer):
                 step_batch(self, batch, group)                    # Part 2
 
     def _step_param(self, p, index, group):
-        """One parameter's step, [M1]-[M7] in order: the definition of the optimizer. Only
-        `_direction` varies between the variants."""
+        """One parameter's step, [M1]-[M7] in order: the definition of the optimizer. The variants
+        differ in `_direction` (Prodigy and D-Adapt Lion also keep its terms of their global d)."""
         state = self._init_state(p, group)
         step = state["step"] + 1
         generator = sketch_generator(group["seed"], index, step, p.device)  # all the step's randomness

@@ -11,16 +11,14 @@ other's, torch AdamW foreach). Printed: the median step of each and the ratios.
 import argparse
 import importlib.util
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 os.environ["MLORC_EXTENSION"] = "0"
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from step import PRESETS, llama_shapes  # noqa: E402
+from step import PRESETS, alternating_medians, llama_shapes  # noqa: E402
 
 
 def load(name, path):
@@ -49,14 +47,7 @@ def main():
     optimizers = {"this": getattr(this, args.optimizer)(params, lr=1e-9, rank=args.rank),
                   "other": getattr(other, args.optimizer)(params, lr=1e-9, rank=args.rank),
                   "torch AdamW": torch.optim.AdamW(params, lr=1e-9, foreach=True)}
-    times = {name: [] for name in optimizers}
-    for i in range(args.warmup + args.steps):
-        for name, optimizer in optimizers.items():
-            start = time.perf_counter()
-            optimizer.step()
-            if i >= args.warmup:
-                times[name].append(time.perf_counter() - start)
-    median = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    median = alternating_medians(optimizers, args.warmup, args.steps)
     print(f"{args.optimizer} r={args.rank}, preset {args.preset}, pure PyTorch, {args.steps} alternating "
           f"steps, torch {torch.__version__}, threads {torch.get_num_threads()}")
     for name, ms in median.items():

@@ -15,15 +15,13 @@ takes at that rank.
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import mlorc  # noqa: E402
-from step import PRESETS, llama_shapes  # noqa: E402
+from step import PRESETS, alternating_medians, llama_shapes  # noqa: E402
 
 
 def main():
@@ -52,14 +50,8 @@ def main():
             mlorc.through_products = lambda opt, p, group: (opt is not optimizers["dense"]
                                                             and through_products(opt, p, group))
             mlorc.CPU_PRODUCTS_MAX_WIDTH = sys.maxsize
-            times = {way: [] for way in optimizers}
-            for i in range(args.warmup + args.steps):
-                for way, optimizer in optimizers.items():
-                    start = time.perf_counter()
-                    optimizer.step()
-                    if i >= args.warmup:
-                        times[way].append(time.perf_counter() - start)
-            products, dense = (statistics.median(times[way]) * 1e3 for way in optimizers)
+            median = alternating_medians(optimizers, args.warmup, args.steps)
+            products, dense = median["products"], median["dense"]
             taken = "products" if rank + 4 <= default or not cls.second_moments else "dense"
             print(f"rank {rank:3d} (sketch {rank + 4:2d} wide): products {products:7.1f} ms, "
                   f"dense {dense:7.1f} ms, products / dense {products / dense:.2f}  (mlorc takes {taken})")

@@ -39,6 +39,19 @@ def llama_shapes(hidden, intermediate, layers, kv, vocab):
     return [(vocab, hidden)] + layer * layers + [(hidden,), (vocab, hidden)]
 
 
+def alternating_medians(optimizers, warmup, steps):
+    """{name: median step in ms} of optimizers that take turns, one step each per round, so the noise
+    of a shared machine falls on all of them alike; the first `warmup` rounds are not timed."""
+    times = {name: [] for name in optimizers}
+    for i in range(warmup + steps):
+        for name, optimizer in optimizers.items():
+            start = time.perf_counter()
+            optimizer.step()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
 def step_peak(opt, cuda):
     """Peak bytes allocated during one untimed opt.step() and alive at the same time, beyond what
     was allocated before it. CUDA: the allocator's statistics. CPU tensors have no such statistics:
