@@ -385,8 +385,9 @@ def came_direction(g, m_prev, stats, betas, eps, clip_threshold):
         row, col = stats["exp_avg_bound_row"], stats["exp_avg_bound_col"]
         bound = torch.minimum(row.unsqueeze(-1), col.unsqueeze(-2))
         m_prev = torch.minimum(torch.maximum(m_prev, -bound), bound)
-        new_stats.update(exp_avg_bound_row=row * b1 + reduce_sum(u * u, -1).sqrt() * (1 - b1),
-                         exp_avg_bound_col=col * b1 + reduce_sum(u * u, -2).sqrt() * (1 - b1))
+        square = u * u
+        new_stats.update(exp_avg_bound_row=row * b1 + reduce_sum(square, -1).sqrt() * (1 - b1),
+                         exp_avg_bound_col=col * b1 + reduce_sum(square, -2).sqrt() * (1 - b1))
     m = m_prev * b1 + u * (1 - b1)
     if "exp_avg_sq_row" not in stats:
         return m, m, new_stats
@@ -539,7 +540,7 @@ class _MLorcOptimizer(torch.optim.Optimizer):
 
     def _step_param(self, p, index, group):
         """One parameter's step, [M1]-[M7] in order: the definition of the optimizer. The variants
-        differ in `_direction` (Prodigy and D-Adapt Lion also keep its terms of their global d)."""
+        differ in `_direction` (and Prodigy and D-Adapt Lion keep its terms of their global d)."""
         state = self._init_state(p, group)
         step = state["step"] + 1
         generator = sketch_generator(group["seed"], index, step, p.device)  # all the step's randomness
@@ -549,6 +550,7 @@ class _MLorcOptimizer(torch.optim.Optimizer):
             if name + "_U" in state:
                 prev[name] = repair_second_moment(prev[name])                                     # [M2]
         d, lr, new = self._direction(p, g, prev, state, group, step)                    # [M3][M5][M6]
+        self._keep_terms(index, new)
         for name in self.moments:
             if name + "_U" in state and name in new:                                               # [M4]
                 factors = rsvd(new.pop(name).reshape(matrix_shape(p)), group["rank"],
@@ -559,6 +561,9 @@ class _MLorcOptimizer(torch.optim.Optimizer):
         if d is not None:                                                                          # [M7]
             d = self._options(d, g, group)
             apply_update_(p, d, lr, weight_decay, generator if group["stochastic_rounding"] else None)
+
+    def _keep_terms(self, index, new):
+        """Take from `new` what is not state: nothing here; Prodigy's and D-Adapt Lion's terms of d."""
 
     def _gradient(self, p, g, group):
         """The gradient that [M3] averages, and the weight decay left for [M7]: in the state's dtype
@@ -843,14 +848,18 @@ class _AdaptiveStepSize(_MLorcOptimizer):
 
     def _step_params(self, params):
         """lr = 0 freezes a group, but its state exists (DCP's initializing step runs at lr = 0)."""
-        for _, p in params:
-            if self._locate(p)[1]["lr"] == 0:
-                self._init_state(p, self._locate(p)[1])
-        super()._step_params([(index, p) for index, p in params if self._locate(p)[1]["lr"] > 0])
+        stepped = []
+        for index, p in params:
+            group = self._locate(p)[1]
+            if group["lr"] > 0:
+                stepped.append((index, p))
+            else:
+                self._init_state(p, group)
+        super()._step_params(stepped)
 
-    def _step_param(self, p, index, group):
-        super()._step_param(p, index, group)         # _direction returns this parameter's terms of
-        self._terms[index] = self.state[p].pop("terms")   # the d estimate with its new state
+    def _keep_terms(self, index, new):
+        """_direction returns this parameter's terms of the d estimate with its new state."""
+        self._terms[index] = new.pop("terms")
 
 
 class MLorc_Prodigy(_AdaptiveStepSize):
@@ -1214,8 +1223,7 @@ def prepare_step(opt, p, index, group):
         d, lr, new = opt._direction(p, g, prev, state, group, step)               # [M3][M5][M6]
         if d is not None:
             d = opt._options(d, g, group)
-    if "terms" in new:                              # Prodigy's and D-Adapt Lion's terms of d
-        opt._terms[index] = new.pop("terms")
+    opt._keep_terms(index, new)
     return dict(work, new=new, d=d, lr=lr, weight_decay=weight_decay)
 
 
