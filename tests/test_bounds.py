@@ -14,13 +14,12 @@ on the sparse and zero-gradient patterns: the largest one-step change is at most
 variant with dense moments (rank=None) fed the same gradients.
 """
 import contextlib
-import os
 
 import pytest
 import torch
 
 import mlorc
-from variants import make_opt
+from variants import extension_mode, make_opt
 
 PATTERNS = {           # shape, lr, steps
     "sparse": ((400, 32), 1e-3, 60),
@@ -28,21 +27,6 @@ PATTERNS = {           # shape, lr, steps
     "zeros": ((3, 16), 1e-2, 40),
 }
 KWARGS = {"AdamW": dict(weight_decay=0.0), "Prodigy": dict(lr=1.0), "DAdapt_Lion": dict(lr=1.0)}
-
-
-@contextlib.contextmanager
-def pure(enabled):
-    """MLORC_EXTENSION=0 inside the block when `enabled` (the pure path), restored after."""
-    old = os.environ.get("MLORC_EXTENSION")
-    if enabled:
-        os.environ["MLORC_EXTENSION"] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("MLORC_EXTENSION", None)
-        else:
-            os.environ["MLORC_EXTENSION"] = old
 
 
 def gradient(pattern, w, step, gen):
@@ -77,7 +61,7 @@ def steps(name, pattern, rank, seed=0):
 @pytest.mark.parametrize("pure_path", [False, True])
 def test_adam_type_steps_stay_within_the_dense_parents_bound(name, rank, pattern, pure_path):
     b1, b2 = make_opt(name, [torch.zeros(1, requires_grad=True)]).defaults["betas"]
-    with pure(pure_path):
+    with extension_mode("0") if pure_path else contextlib.nullcontext():
         for change, lr_t, t, size in steps(name, pattern, rank):
             bound = mlorc.adam_ratio_bound(t, b1, b2, bias_correction=name == "AdamW")
             rounding = 4 * torch.finfo(torch.float32).eps * size

@@ -7,7 +7,6 @@ single results differ by a few fp32 ulp (u = 6e-8): rtol 1e-5 leaves a 100x marg
 optimizer steps those differences feed back through the moments; measured parameter differences
 stay below 1e-6 at lr 1e-2, against atol 1e-5.
 """
-import contextlib
 import importlib.util
 import itertools
 import os
@@ -21,22 +20,9 @@ import pytest
 import torch
 
 import mlorc
+from variants import extension_mode
 
 pytestmark = pytest.mark.filterwarnings("ignore:mlorc. the C..")
-
-
-@contextlib.contextmanager
-def extension_mode(value):
-    """MLORC_EXTENSION set to `value` inside the block, restored (CI sets it for the session) after."""
-    old = os.environ.get("MLORC_EXTENSION")
-    os.environ["MLORC_EXTENSION"] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["MLORC_EXTENSION"]
-        else:
-            os.environ["MLORC_EXTENSION"] = old
 
 
 class OpsWith:

@@ -1,6 +1,10 @@
 """The six optimizers with settings that move small test models visibly in a few steps: Prodigy and
 D-Adapt start from a larger d0 than their default so their d estimate changes within a short run;
-and the snapshot of an optimizer that the tests of refused steps compare before and after."""
+the snapshot of an optimizer that the tests of refused steps compare before and after; and
+extension_mode, which sets MLORC_EXTENSION for a block."""
+import contextlib
+import os
+
 import torch
 
 import mlorc
@@ -39,3 +43,17 @@ def assert_snapshot_equal(a, b):
         for key in sa:
             assert torch.equal(sa[key], sb[key]) if torch.is_tensor(sa[key]) else sa[key] == sb[key]
     assert groups_a == groups_b
+
+
+@contextlib.contextmanager
+def extension_mode(value):
+    """MLORC_EXTENSION set to `value` inside the block, restored (CI sets it for the session) after."""
+    old = os.environ.get("MLORC_EXTENSION")
+    os.environ["MLORC_EXTENSION"] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["MLORC_EXTENSION"]
+        else:
+            os.environ["MLORC_EXTENSION"] = old
