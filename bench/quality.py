@@ -19,9 +19,9 @@ warm-up, one CPU thread.
 Configurations (--configs, comma-separated): "adamw" (torch.optim.AdamW) and "r{rank}p{over}q{iters}",
 MLorc_AdamW with rank, oversampling and power_iters, e.g. r4p0q1; "grid" is adamw and
 r{4,16} x p{0,2,4} x q{0,1}. A suffix "+name" picks a candidate option (OPTIONS): "+factoredv"
-(Adafactor's factored v, m alone compressed), "+warm" (the sketch warm-started from the previous
-right factors), "+pair" (the reconstructed m~ repaired to |m~| <= C_(t-1) sqrt(v~)) or "+clamp" (the
-direction clamped to +-B_t); the last three pure PyTorch: run them with MLORC_EXTENSION=0.
+(Adafactor's factored v, m alone compressed) or "+warm" (the sketch warm-started from the previous
+right factors; pure PyTorch: run it with MLORC_EXTENSION=0). The two candidate rules of the bounded
+step, "+pair" and "+clamp", are in this file at 84ffe9b; the clamp became [M6]'s bound.
 
 Learning rates: each configuration is swept on seed 0 over --lrs (extended by factors of 3 while the
 best lr is at an end of the sweep), then the other seeds run at the best lr. Results are appended to
@@ -118,36 +118,9 @@ class WarmStartSketch(mlorc.MLorc_AdamW):
             mlorc.gaussian_sketch = original
 
 
-class PairRepair(mlorc.MLorc_AdamW):
-    """MLorc_AdamW whose reconstructed pair is first made one that dense Adam could hold: after [M2],
-    |m~| <= C_(t-1) sqrt(v~) (mlorc.adam_ratio_bound), so that |m_hat / sqrt(v_hat)| <= B_t follows.
-    Pure PyTorch only (run with MLORC_EXTENSION=0)."""
-
-    def _direction(self, p, g, prev, state, group, step):
-        if "exp_avg_U" in state:
-            b1, b2 = group["betas"]
-            bound = mlorc.adam_ratio_bound(step - 1, b1, b2) * prev["exp_avg_sq"].sqrt()
-            prev = {**prev, "exp_avg": torch.minimum(torch.maximum(prev["exp_avg"], -bound), bound)}
-        return super()._direction(p, g, prev, state, group, step)
-
-
-class DirectionClamp(mlorc.MLorc_AdamW):
-    """MLorc_AdamW whose direction is clamped to +-B_t, the largest |m_hat / sqrt(v_hat)| of dense
-    Adam at step t (mlorc.adam_ratio_bound). Pure PyTorch only (run with MLORC_EXTENSION=0)."""
-
-    def _direction(self, p, g, prev, state, group, step):
-        d, lr, new = super()._direction(p, g, prev, state, group, step)
-        if "exp_avg_U" in state:
-            bound = mlorc.adam_ratio_bound(step, *group["betas"], bias_correction=True)
-            d = d.clamp(-bound, bound)
-        return d, lr, new
-
-
 OPTIONS = {        # "+name" suffixes of a configuration -> (class, extra keyword arguments)
     "factoredv": (FactoredSecondMoment, {}),
     "warm": (WarmStartSketch, {}),
-    "pair": (PairRepair, {}),
-    "clamp": (DirectionClamp, {}),
 }
 
 
