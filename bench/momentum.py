@@ -10,15 +10,23 @@ together, it compares what MLorc used with what dense Adam would have used from 
                    m_hat / (sqrt(v_hat) + eps): cosine and norm ratio
   sum u cos, norm  the same for the sums of the updates over steps 1..t: where the run has moved
                    the weights, against where dense Adam's steps from these gradients add up to
+  head, tail cos   the sums at the last step split by the top-r left singular directions of dense
+                   Adam's sum D (the head, P = U_r U_r^T; the tail, 1 - P): cosine of P S with P D,
+                   and of (1 - P) S with (1 - P) D, where S is MLorc's sum
   overlap          how much of the subspace that m's factors keep (the span of U) was kept at the
                    previous step too: ||U_prev^T U||_F^2 / r, 1 for the same subspace, about r / rows
                    for unrelated random ones (mean over matrices)
   train loss       the mean training loss of the last 10 steps, beside the held-out loss at the end
+With --probe-every K, every K steps, from the matrices' values before the step and on the next
+(unseen) batch: the loss decrease of one step of lr along MLorc's u and along dense Adam's u_d, and
+the curvature along each, x'Hx / |x|^2 (a secant estimate over the step); and at the end the share of
+each sum's energy in its own top-r singular directions.
 Sketches (--sketches): r+p oversampling and q power iterations as "p{p}q{q}"; "exact" (the optimal
 rank-r truncation: an exact SVD); "fixed" (p0q0 with the same Gaussian Omega at every step of a
 parameter, a fixed random subspace instead of a fresh one).
 
     python bench/momentum.py --task tinygpt --lr 3e-3 --plot momentum.png
+    python bench/momentum.py --task tinygpt --lr 1e-2 --sketches p0q0,p4q1,fixed --probe-every 4
 """
 import argparse
 import os
@@ -47,7 +55,46 @@ def cosine_and_ratio(a, b):
     return (torch.dot(a, b) / (a.norm() * b.norm()).clamp(min=1e-30)).item(), (a.norm() / b.norm()).item()
 
 
-def track(task, sketch, lr, rank, seed=0):
+@torch.no_grad()
+def _set(params, values):
+    for p, value in zip(params, values):
+        p.copy_(value)
+
+
+def probe(task, model, batch, before, lr, matrices, dense, b1, b2, eps, t):
+    """From the matrices' values before step t, on the next step's batch (eval mode: no dropout), the loss
+    change of a step of lr along MLorc's update u and along dense Adam's u_d (the matrices moved; the
+    other weights held at their values after the step, the same for both): the decrease, the
+    first-order decrease lr g.x that it predicts, and the curvature along x,
+    x'Hx / |x|^2 ~ 2 (lr g.x - decrease) / (lr^2 |x|^2) (a secant estimate over the step)."""
+    after = {p: p.detach().clone() for p in matrices}
+    old = {p: before[p][0] for p in matrices}
+    directions = {"u": {p: (old[p] - after[p]) / lr for p in matrices},
+                  "dense": {p: (dense[p][0] / (1 - b1 ** t)) / ((dense[p][1] / (1 - b2 ** t)).sqrt() + eps)
+                            for p in matrices}}
+    model.eval()
+    out = {}
+    try:
+        _set(matrices, [old[p] for p in matrices])
+        with torch.enable_grad():
+            model.zero_grad(set_to_none=True)
+            base = task.loss(model, batch)
+            base.backward()
+        for name, xs in directions.items():
+            _set(matrices, [old[p] - lr * xs[p] for p in matrices])
+            drop = base.item() - task.loss(model, batch).item()
+            first = lr * sum((p.grad * xs[p]).sum().item() for p in matrices)
+            norm2 = sum(xs[p].square().sum().item() for p in matrices)
+            out[name + "_drop"], out[name + "_first"] = drop, first
+            out[name + "_curv"] = 2 * (first - drop) / (lr * lr * norm2)
+    finally:
+        _set(matrices, [after[p] for p in matrices])
+        model.zero_grad(set_to_none=True)
+        model.train()
+    return out
+
+
+def track(task, sketch, lr, rank, seed=0, probe_every=0):
     """Per-step metrics (see the module docstring) of one run, and its final held-out loss; the last
     row also holds the mean training loss of the last 10 steps."""
     options, fixed = sketch_options(sketch)
@@ -65,7 +112,8 @@ def track(task, sketch, lr, rank, seed=0):
         mlorc.sketch_generator = lambda s, index, step, device: original(s, index, 0, device)
     rows, train_losses = [], []
     try:
-        for t, batch in enumerate(task.batches(seed), 1):
+        batches = task.batches(seed)
+        for t, batch in enumerate(batches, 1):
             loss = task.loss(model, batch)
             train_losses.append(loss.item())
             opt.zero_grad(set_to_none=True)
@@ -103,25 +151,66 @@ def track(task, sketch, lr, rank, seed=0):
             rows.append(dict(step=t, m_cos=m_cos, m_norm=m_norm, u_cos=u_cos, u_norm=u_norm,
                              sum_cos=s_cos, sum_norm=s_norm,
                              overlap=statistics.mean(overlaps) if overlaps else float("nan")))
+            if probe_every and t % probe_every == 0 and t < len(batches):     # on the next, unseen batch
+                rows[-1].update(probe(task, model, batches[t], before, step_lr, matrices, dense, b1, b2, eps, t))
     finally:
         mlorc.sketch_generator = original
     model.eval()
     with torch.no_grad():
         final = task.eval_loss(model)
     rows[-1]["train_loss"] = statistics.mean(train_losses[-10:])
+    rows[-1].update(head_and_tail(sums, matrices, rank))
     return rows, final
+
+
+def head_and_tail(sums, matrices, rank):
+    """How the summed updates S (MLorc's) and D (dense Adam's on the same gradients) split between the
+    top-`rank` left singular directions of D (the head, P = U_r U_r^T) and the rest (the tail):
+    the energy share of each sum in its own top-`rank` directions, and the cosines of P S with P D
+    and of (1 - P) S with (1 - P) D, over all matrices together."""
+    out, heads, tails, tops = {}, ([], []), ([], []), {0: [0.0, 0.0], 1: [0.0, 0.0]}
+    for p in matrices:
+        S, D = (sums[p][i].reshape(mlorc.matrix_shape(p)) for i in (0, 1))
+        for i, X in enumerate((S, D)):
+            s2 = torch.linalg.svdvals(X).square()
+            tops[i][0] += s2[:rank].sum().item()
+            tops[i][1] += s2.sum().item()
+        U = torch.linalg.svd(D, full_matrices=False).U[:, :rank]
+        for i, X in enumerate((S, D)):
+            head = U @ (U.mT @ X)
+            heads[i].append(head.flatten())
+            tails[i].append((X - head).flatten())
+    out["sum_top"], out["dense_sum_top"] = (tops[i][0] / tops[i][1] for i in (0, 1))
+    out["head_cos"] = cosine_and_ratio(torch.cat(heads[0]), torch.cat(heads[1]))[0]
+    out["tail_cos"] = cosine_and_ratio(torch.cat(tails[0]), torch.cat(tails[1]))[0]
+    return out
 
 
 def summary(runs):
     """The markdown table of {sketch: (rows, final loss)}: means over steps, sums at the last step."""
-    lines = ["| sketch | m cos | m norm | u cos | u norm | sum u cos | sum u norm | overlap | train loss "
-             "| held-out loss |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| sketch | m cos | m norm | u cos | u norm | sum u cos | sum u norm | head cos | tail cos | overlap "
+             "| train loss | held-out loss |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, (rows, final) in runs.items():
         mean = {k: statistics.mean(r[k] for r in rows if r[k] == r[k])
                 for k in ("m_cos", "m_norm", "u_cos", "u_norm", "overlap")}
+        last = rows[-1]
         lines.append(f"| {name} | {mean['m_cos']:.3f} | {mean['m_norm']:.3f} | {mean['u_cos']:.3f} | "
-                     f"{mean['u_norm']:.3f} | {rows[-1]['sum_cos']:.3f} | {rows[-1]['sum_norm']:.3f} | "
-                     f"{mean['overlap']:.3f} | {rows[-1]['train_loss']:.4f} | {final:.4f} |")
+                     f"{mean['u_norm']:.3f} | {last['sum_cos']:.3f} | {last['sum_norm']:.3f} | "
+                     f"{last['head_cos']:.3f} | {last['tail_cos']:.3f} | {mean['overlap']:.3f} | "
+                     f"{last['train_loss']:.4f} | {final:.4f} |")
+    return "\n".join(lines)
+
+
+def steps_summary(runs):
+    """The markdown table of the probes (every --probe-every steps) and of the summed updates' rank."""
+    lines = ["| sketch | decrease per step: u | u_d | curvature along u | along u_d | top-r share: sum u | "
+             "sum u_d |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, (rows, _) in runs.items():
+        probed, last = [r for r in rows if "u_drop" in r], rows[-1]
+        mean = {k: statistics.mean(r[k] for r in probed) for k in ("u_drop", "dense_drop", "u_curv", "dense_curv")}
+        lines.append(f"| {name} | {mean['u_drop']:.4f} | {mean['dense_drop']:.4f} | {mean['u_curv']:.3g} | "
+                     f"{mean['dense_curv']:.3g} | {last['sum_top']:.3f} | {last['dense_sum_top']:.3f} |")
     return "\n".join(lines)
 
 
@@ -135,14 +224,22 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=os.path.join(HERE, ".cache"))
     ap.add_argument("--plot", default="", help="PNG path of the curves ('' for none)")
+    ap.add_argument("--probe-every", type=int, default=0, help="probe the loss along u and u_d every this "
+                    "many steps (0: never)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     os.makedirs(args.cache, exist_ok=True)
     task = quality.TASKS[args.task](args.cache)
-    runs = {name: track(task, name, args.lr, args.rank, args.seed) for name in args.sketches.split(",")}
+    runs = {name: track(task, name, args.lr, args.rank, args.seed, args.probe_every)
+            for name in args.sketches.split(",")}
     print(f"{args.task}, MLorc_AdamW rank {args.rank}, lr {args.lr:g}, seed {args.seed}: means over steps "
           f"(m, u) and at the last step (sum u)")
     print(summary(runs))
+    if args.probe_every:
+        print(f"\nEvery {args.probe_every} steps, one step of lr from the same weights, on the next batch (means"
+              " over probes); the summed update's energy in its top-r singular directions (mean over matrices,"
+              " energy-weighted)")
+        print(steps_summary(runs))
     if args.plot:
         import matplotlib
         matplotlib.use("Agg")

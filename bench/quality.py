@@ -20,7 +20,9 @@ Configurations (--configs, comma-separated): "adamw" (torch.optim.AdamW) and "r{
 MLorc_AdamW with rank, oversampling and power_iters, e.g. r4p0q1; "grid" is adamw and
 r{4,16} x p{0,2,4} x q{0,1}. A suffix "+name" picks a candidate option (OPTIONS): "+factoredv"
 (Adafactor's factored v, m alone compressed) or "+warm" (the sketch warm-started from the previous
-right factors; pure PyTorch: run it with MLORC_EXTENSION=0). The two candidate rules of the bounded
+right factors), or a diagnostic that tells which moment's compression costs what: "+densev" / "+densem"
+(v, or m, kept dense; the other compressed) and "+accm" / "+accv" (m's, or v's, sketch made accurate,
+p4q1; the other's as configured). Options are pure PyTorch: run them with MLORC_EXTENSION=0. The two candidate rules of the bounded
 step, "+pair" and "+clamp", are in this file at 84ffe9b; the clamp became [M6]'s bound.
 
 Learning rates: each configuration is swept on seed 0 over --lrs (extended by factors of 3 while the
@@ -118,9 +120,71 @@ class WarmStartSketch(mlorc.MLorc_AdamW):
             mlorc.gaussian_sketch = original
 
 
+class OneMomentDense(mlorc.MLorc_AdamW):
+    """Diagnostic, not a memory saving: the moment `dense` kept dense, the other one compressed as
+    MLorc_AdamW compresses it, to tell which of the two compressions costs the quality. The direction
+    is bounded ([M6]) for every matrix. Pure PyTorch, through the plain step."""
+    dense = "exp_avg_sq"
+
+    def __init__(self, params, **options):
+        super().__init__(params, **{**options, "batch_bytes": 0})
+
+    def _init_extra(self, p, group):
+        return {self.dense: torch.zeros_like(p, dtype=torch.float32)}
+
+    def _direction(self, p, g, prev, state, group, step):
+        b1, b2 = group["betas"]
+        prev = {**prev, self.dense: state[self.dense]}
+        m = prev["exp_avg"].lerp(g, 1 - b1)                                                # [M3]
+        v = prev["exp_avg_sq"] * b2 + g * g * (1 - b2)
+        d = mlorc.adamw_direction(m, v, step, group["betas"], group["eps"], group["use_atan2"],
+                                  bounded=p.ndim >= 2)
+        return d, group["lr"], {"exp_avg": m, "exp_avg_sq": v}
+
+
+class DenseSecondMoment(OneMomentDense):
+    moments, second_moments, dense = ("exp_avg",), (), "exp_avg_sq"
+
+
+class DenseFirstMoment(OneMomentDense):
+    moments, second_moments, dense = ("exp_avg_sq",), ("exp_avg_sq",), "exp_avg"
+
+
+class AccurateSketchOf(mlorc.MLorc_AdamW):
+    """Diagnostic: the moment `accurate` compressed with an accurate sketch (oversampling 4, one power
+    iteration), the other with the configuration's, to tell whose accuracy moves the quality. Pure
+    PyTorch, through the plain step."""
+    accurate = "exp_avg"
+
+    def __init__(self, params, **options):
+        super().__init__(params, **{**options, "batch_bytes": 0})
+
+    def _step_param(self, p, index, group):
+        queue, original = list(self.moments), mlorc.rsvd         # [M4] sketches m, then v
+
+        def sketch(A, rank, oversampling=0, power_iters=0, generator=None):
+            if queue.pop(0) == self.accurate:
+                oversampling, power_iters = 4, 1
+            return original(A, rank, oversampling, power_iters, generator)
+
+        mlorc.rsvd = sketch
+        try:
+            super()._step_param(p, index, group)
+        finally:
+            mlorc.rsvd = original
+
+
+class AccurateSketchOfV(AccurateSketchOf):
+    accurate = "exp_avg_sq"
+
+
 OPTIONS = {        # "+name" suffixes of a configuration -> (class, extra keyword arguments)
     "factoredv": (FactoredSecondMoment, {}),
     "warm": (WarmStartSketch, {}),
+    "densev": (DenseSecondMoment, {}),
+    "densem": (DenseFirstMoment, {}),
+    "accm": (AccurateSketchOf, {}),
+    "accv": (AccurateSketchOfV, {}),
 }
 
 
@@ -329,10 +393,16 @@ TASKS = {"llama": LlamaTask, "tinygpt": TinyGPTTask, "encoder": EncoderTask}
 # Runs
 
 def parse_config(name):
-    """'adamw' or 'r4p0q1[+option...]' -> (None or (rank, oversampling, power_iters), extra kwargs)."""
+    """'adamw' or 'r4p0q1[+option...]' -> (None or (rank, oversampling, power_iters), class, extra
+    kwargs). "+vecK" and "+wdK" are not classes: the parameters with ndim < 2 (dense moments) get
+    lr / K, or every group weight decay / K."""
     base, *options = name.split("+")
     cls, extra = mlorc.MLorc_AdamW, {}
     for option in options:
+        if option.startswith(("vec", "wd")):
+            key = "vector_lr_divisor" if option.startswith("vec") else "weight_decay_divisor"
+            extra[key] = float(option.lstrip("vecwd"))
+            continue
         cls, kwargs = OPTIONS[option]
         extra.update(kwargs)
     if base == "adamw":
@@ -345,6 +415,11 @@ def parse_config(name):
 def make_optimizer(config, model, lr, seed):
     sketch, cls, extra = parse_config(config)
     groups = mlorc.finetune_param_groups(model, WEIGHT_DECAY, rank=sketch[0] if sketch else None)
+    divisor, wd_divisor = extra.pop("vector_lr_divisor", None), extra.pop("weight_decay_divisor", 1.0)
+    for group in groups:
+        group["weight_decay"] /= wd_divisor
+        if divisor and all(p.ndim < 2 for p in group["params"]):
+            group["lr"] = lr / divisor
     if sketch is None:
         return torch.optim.AdamW([{k: v for k, v in g.items() if k != "rank"} for g in groups], lr=lr)
     return cls(groups, lr=lr, oversampling=sketch[1], power_iters=sketch[2], seed=seed, **extra)
