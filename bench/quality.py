@@ -394,11 +394,15 @@ TASKS = {"llama": LlamaTask, "tinygpt": TinyGPTTask, "encoder": EncoderTask}
 
 def parse_config(name):
     """'adamw' or 'r4p0q1[+option...]' -> (None or (rank, oversampling, power_iters), class, extra
-    kwargs). "+vecK" and "+wdK" are not classes: the parameters with ndim < 2 (dense moments) get
-    lr / K, or every group weight decay / K."""
+    kwargs). "+vecK", "+wdK", "+smalldense" and "+denseemb" are not classes: the parameters with
+    ndim < 2 (dense moments) get lr / K; every group weight decay / K; the matrices with a side <=
+    2 rank dense moments; the embeddings dense moments (finetune_param_groups' dense_embeddings)."""
     base, *options = name.split("+")
     cls, extra = mlorc.MLorc_AdamW, {}
     for option in options:
+        if option in ("smalldense", "denseemb"):
+            extra[option] = True
+            continue
         if option.startswith(("vec", "wd")):
             key = "vector_lr_divisor" if option.startswith("vec") else "weight_decay_divisor"
             extra[key] = float(option.lstrip("vecwd"))
@@ -414,7 +418,12 @@ def parse_config(name):
 
 def make_optimizer(config, model, lr, seed):
     sketch, cls, extra = parse_config(config)
-    groups = mlorc.finetune_param_groups(model, WEIGHT_DECAY, rank=sketch[0] if sketch else None)
+    groups = mlorc.finetune_param_groups(model, WEIGHT_DECAY, rank=sketch[0] if sketch else None,
+                                         dense_embeddings=extra.pop("denseemb", False))
+    if extra.pop("smalldense", False):           # matrices with a side <= 2 rank: dense moments
+        small = [p for g in groups for p in g["params"] if p.ndim >= 2 and min(p.shape) <= 2 * sketch[0]]
+        groups = [{**g, "params": [p for p in g["params"] if all(p is not q for q in small)]} for g in groups]
+        groups = [g for g in groups if g["params"]] + [dict(params=small, weight_decay=WEIGHT_DECAY, rank=None)]
     divisor, wd_divisor = extra.pop("vector_lr_divisor", None), extra.pop("weight_decay_divisor", 1.0)
     for group in groups:
         group["weight_decay"] /= wd_divisor
