@@ -42,14 +42,18 @@ against dense Adam fed the same gradients (bench/momentum.py; figures in BENCHMA
 iteration keeps more of m at each step (cosine 0.70 against 0.54 on the tutorial's model), but it
 steers the kept subspace to m's top singular directions, which change slowly: 0.81-0.86 of it is kept
 again at the next step, against 0.26-0.65 for a fresh Gaussian sketch, so what lies outside them is
-dropped at every step. One fixed random subspace, persistence at its extreme, gave the summed updates
-furthest from dense Adam's on every task. At the same lr the fresh sketch reached a lower training
-loss, although its steps partly cancel and move the weights less far, so it wants a larger lr (best
-1-10x AdamW's). Why persistence costs more than accuracy gains is not settled (BENCHMARKS.md says
-what was refuted). At each setting's best lr (bench/quality.py, three tasks, three seeds), no power
-iteration matched or beat one at rank 4 on every task, and no oversampling was best or tied: hence
-the defaults oversampling=0, power_iters=0, which also halve [M4]'s work. At rank 16, oversampling
-helped on one task of three (README: "Choosing rank, sketch and learning rate").
+dropped at every step. What costs, and why, is only partly known (BENCHMARKS.md, "Which moment's
+compression costs"). It is m's compression and m's sketch: with m dense and v compressed the
+tutorial's model trains as well as AdamW, and an accurate sketch of v alone changes nothing
+measurable. Single steps from the same weights lower the loss about equally under either sketch, so
+the cost accumulates; but how closely the summed steps follow dense Adam's, in its top directions
+or outside them, does not order the losses across tasks (in the LLaMA runs one fixed random
+subspace, the furthest from dense Adam, trained best on two seeds of three). At each setting's best
+lr (bench/quality.py, three tasks, three seeds), no power iteration matched or beat one at rank 4 on
+every task, and no oversampling was best or tied: hence the defaults oversampling=0,
+power_iters=0, which also halve [M4]'s work. At rank 16, oversampling helped on one task of three
+(README: "Choosing rank, sketch and learning rate"). The fresh sketch's steps partly cancel and
+move the weights less far, so it wants a larger lr (best 1-10x AdamW's).
 
 Memory: a dense moment of an (m, n) matrix costs m n floats; rank-r factors U (m, r), s (r), Vh (r, n)
 cost r (m + n + 1). For 4096 x 4096 at r = 4, AdamW keeps 2 * 16.8M = 33.6M floats, MLorc_AdamW keeps
