@@ -31,11 +31,14 @@ def main():
     parser.add_argument("--ranks", default="4,8,12,16,20,32", help="comma-separated ranks")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per way")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--oversampling", type=int, default=0, help="the sketch (default: mlorc's)")
+    parser.add_argument("--power-iters", type=int, default=0)
     args = parser.parse_args()
+    over, iters = args.oversampling, args.power_iters
 
     os.environ["MLORC_EXTENSION"] = "1"
     cls = getattr(mlorc, args.optimizer)
-    print(f"{args.optimizer}, preset {args.preset}, oversampling 4, one power iteration, {args.steps} "
+    print(f"{args.optimizer}, preset {args.preset}, oversampling {over}, power_iters {iters}, {args.steps} "
           f"alternating steps, torch {torch.__version__}, threads {torch.get_num_threads()}")
     default, through_products = mlorc.CPU_PRODUCTS_MAX_WIDTH, mlorc.through_products
     try:
@@ -45,15 +48,15 @@ def main():
                       for s in llama_shapes(**PRESETS[args.preset])]
             for p in params:
                 p.grad = torch.randn(p.shape, generator=gen) * 1e-3
-            optimizers = {way: cls(params, lr=1e-5, rank=rank, oversampling=4, power_iters=1)
+            optimizers = {way: cls(params, lr=1e-5, rank=rank, oversampling=over, power_iters=iters)
                           for way in ("products", "dense")}
             mlorc.through_products = lambda opt, p, group: (opt is not optimizers["dense"]
                                                             and through_products(opt, p, group))
             mlorc.CPU_PRODUCTS_MAX_WIDTH = sys.maxsize
             median = alternating_medians(optimizers, args.warmup, args.steps)
             products, dense = median["products"], median["dense"]
-            taken = "products" if rank + 4 <= default or not cls.second_moments else "dense"
-            print(f"rank {rank:3d} (sketch {rank + 4:2d} wide): products {products:7.1f} ms, "
+            taken = "products" if rank + over <= default or not cls.second_moments else "dense"
+            print(f"rank {rank:3d} (sketch {rank + over:2d} wide): products {products:7.1f} ms, "
                   f"dense {dense:7.1f} ms, products / dense {products / dense:.2f}  (mlorc takes {taken})")
     finally:
         mlorc.CPU_PRODUCTS_MAX_WIDTH, mlorc.through_products = default, through_products
