@@ -171,11 +171,11 @@ def head_and_tail(sums, matrices, rank):
     out, heads, tails, tops = {}, ([], []), ([], []), {0: [0.0, 0.0], 1: [0.0, 0.0]}
     for p in matrices:
         S, D = (sums[p][i].reshape(mlorc.matrix_shape(p)) for i in (0, 1))
-        for i, X in enumerate((S, D)):
-            s2 = torch.linalg.svdvals(X).square()
-            tops[i][0] += s2[:rank].sum().item()
-            tops[i][1] += s2.sum().item()
-        U = torch.linalg.svd(D, full_matrices=False).U[:, :rank]
+        U, s_D, _ = torch.linalg.svd(D, full_matrices=False)          # one SVD of D for both uses
+        U = U[:, :rank]
+        for i, s in enumerate((torch.linalg.svdvals(S), s_D)):
+            tops[i][0] += s[:rank].square().sum().item()
+            tops[i][1] += s.square().sum().item()
         for i, X in enumerate((S, D)):
             head = U @ (U.mT @ X)
             heads[i].append(head.flatten())

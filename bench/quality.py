@@ -20,10 +20,12 @@ Configurations (--configs, comma-separated): "adamw" (torch.optim.AdamW) and "r{
 MLorc_AdamW with rank, oversampling and power_iters, e.g. r4p0q1; "grid" is adamw and
 r{4,16} x p{0,2,4} x q{0,1}. A suffix "+name" picks a candidate option (OPTIONS): "+factoredv"
 (Adafactor's factored v, m alone compressed) or "+warm" (the sketch warm-started from the previous
-right factors), or a diagnostic that tells which moment's compression costs what: "+densev" / "+densem"
-(v, or m, kept dense; the other compressed) and "+accm" / "+accv" (m's, or v's, sketch made accurate,
-p4q1; the other's as configured). Options are pure PyTorch: run them with MLORC_EXTENSION=0. The two candidate rules of the bounded
-step, "+pair" and "+clamp", are in this file at 84ffe9b; the clamp became [M6]'s bound.
+right factors), or a diagnostic that tells which moment's compression costs what: "+densev" /
+"+densem" (v, or m, kept dense; the other compressed) and "+accm" / "+accv" (m's, or v's, sketch
+made accurate, p4q1; the other's as configured). These classes are pure PyTorch: run them with
+MLORC_EXTENSION=0. Four suffixes change the param groups instead (parse_config): "+vecK", "+wdK",
+"+smalldense", "+denseemb". The two candidate rules of the bounded step, "+pair" and "+clamp", are
+in this file at 84ffe9b; the clamp became [M6]'s bound.
 
 Learning rates: each configuration is swept on seed 0 over --lrs (extended by factors of 3 while the
 best lr is at an end of the sweep), then the other seeds run at the best lr. Results are appended to
@@ -403,9 +405,11 @@ def parse_config(name):
         if option in ("smalldense", "denseemb"):
             extra[option] = True
             continue
-        if option.startswith(("vec", "wd")):
-            key = "vector_lr_divisor" if option.startswith("vec") else "weight_decay_divisor"
-            extra[key] = float(option.lstrip("vecwd"))
+        if option.startswith("vec"):
+            extra["vector_lr_divisor"] = float(option[len("vec"):])
+            continue
+        if option.startswith("wd"):
+            extra["weight_decay_divisor"] = float(option[len("wd"):])
             continue
         cls, kwargs = OPTIONS[option]
         extra.update(kwargs)
@@ -422,7 +426,8 @@ def make_optimizer(config, model, lr, seed):
                                          dense_embeddings=extra.pop("denseemb", False))
     if extra.pop("smalldense", False):           # matrices with a side <= 2 rank: dense moments
         small = [p for g in groups for p in g["params"] if p.ndim >= 2 and min(p.shape) <= 2 * sketch[0]]
-        groups = [{**g, "params": [p for p in g["params"] if all(p is not q for q in small)]} for g in groups]
+        small_ids = {id(p) for p in small}
+        groups = [{**g, "params": [p for p in g["params"] if id(p) not in small_ids]} for g in groups]
         groups = [g for g in groups if g["params"]] + [dict(params=small, weight_decay=WEIGHT_DECAY, rank=None)]
     divisor, wd_divisor = extra.pop("vector_lr_divisor", None), extra.pop("weight_decay_divisor", 1.0)
     for group in groups:
