@@ -15,7 +15,8 @@ The moment cycle, run for each matrix at each step (labels are cited in the code
     [M4] recompress    (U, s, Vh) = rsvd(m_t, r), the same for v_t; only the factors are kept
     [M5] bias-correct  m_hat = m_t / (1 - b1^t),  v_hat = v_t / (1 - b2^t)         (where the parent does)
     [M6] direction     the parent optimizer's rule on the dense m_t, v_t (Adam, Lion, Prodigy, ...),
-                       clamped to what the parent could reach at step t (below)
+                       clamped to what the parent could reach at step t (below); MLorc_AdamW's m_hat
+                       takes the part of g where m~ holds no history at full weight (below)
     [M7] apply         p <- p (1 - lr wd) - lr d                                   (decoupled decay)
 
 Randomized SVD (Halko, Martinsson, Tropp 2011, arXiv 0909.4061): draw Omega (n x (r + p)) from the
@@ -37,23 +38,31 @@ u = g / sqrt(V), so |m_ij| <= R_i, C_j, the same averages of u's row and column 
 of state): [M2] clamps its rebuilt m~ to min(R_i, C_j). ADOPT clips its normalized gradient as its
 parent does, so its m is bounded already; Lion-type steps are signs.
 
-Which sketch ([M4]): a fresh subspace, not an accurate one. Measured along real fine-tuning runs
-against dense Adam fed the same gradients (bench/momentum.py; figures in BENCHMARKS.md): a power
-iteration keeps more of m at each step (cosine 0.70 against 0.54 on the tutorial's model), but it
-steers the kept subspace to m's top singular directions, which change slowly: 0.81-0.86 of it is kept
-again at the next step, against 0.26-0.65 for a fresh Gaussian sketch, so what lies outside them is
-dropped at every step. What costs, and why, is only partly known (BENCHMARKS.md, "Which moment's
-compression costs"). It is m's compression and m's sketch: with m dense and v compressed the
-tutorial's model trains as well as AdamW, and an accurate sketch of v alone changes nothing
-measurable. Single steps from the same weights lower the loss about equally under either sketch, so
-the cost accumulates; but how closely the summed steps follow dense Adam's, in its top directions
-or outside them, does not order the losses across tasks (in the LLaMA runs one fixed random
-subspace, the furthest from dense Adam, trained best on two seeds of three). At each setting's best
-lr (bench/quality.py, three tasks, three seeds), no power iteration matched or beat one at rank 4 on
-every task, and no oversampling was best or tied: hence the defaults oversampling=0,
-power_iters=0, which also halve [M4]'s work. At rank 16, oversampling helped on one task of three
-(README: "Choosing rank, sketch and learning rate"). The fresh sketch's steps partly cancel and
-move the weights less far, so it wants a larger lr (best 1-10x AdamW's).
+Where m~ holds no history ([M3], [M6]). In m_t = b1 m~ + (1 - b1) g, dense Adam's m~ holds the
+history of every direction, so a gradient that persists counts ~1 in m_hat. A rank-r m~ holds history
+only in the column and row spaces of its factors; the rest of g (at rank 4, 0.5-0.6 of its energy
+along the runs of bench/momentum.py) counts 1 - b1 = 0.1 at every step. So with the EMA alone the
+step leans towards the kept directions by up to 1 / (1 - b1), and that lean was what compressing m
+cost (bench/quality.py, three tasks, three seeds; BENCHMARKS.md, "Where m~ holds no history"): with
+m dense and v compressed the loss matched AdamW's; tests that could have refuted it did not: a
+larger b1 made the loss worse (0.95: small GPT +2.0%, LLaMA +5.7% over AdamW; 0.98: +3.5%, +9.3%,
+against +1.8%, +4.4%), rescaling m~ to m_t's norm made it worse (+10.1%, +6.8%), b1 = 0 removed the
+cost (small GPT -0.4%). It also was the sketch's effect: an accurate sketch keeps the same top
+directions step after step (0.81-0.86 of the subspace, against 0.26-0.65 for a fresh Gaussian
+sketch), so the same directions were starved at every step. Hence MLorc_AdamW's default
+full_weight_outside=True: the part of g outside both spaces of the previous m~ (outside_kept) enters
+m_hat at weight 1, as if it had persisted; the stored m_t stays the EMA. Held-out loss against
+AdamW at rank 4 went from +1.8%, +4.4%, +7.6% (small GPT, LLaMA, encoder) to -0.6%, -3.3%, -8.1%,
+at AdamW's lr or up to 3x it (before: 1-10x), and an accurate sketch now trains as well as the fresh
+one (small GPT -0.3%, LLaMA -1.6%). Outside the kept spaces this step does no averaging, so it is
+larger than dense Adam's (2.9x in norm on the tutorial's model), still within [M6]'s bound. At full
+rank nothing is outside, nor where the gradients stay in the kept spaces: the step is dense Adam's.
+The other variants keep the EMA alone (not measured yet).
+
+Which sketch ([M4]): oversampling=0, power_iters=0. Without full_weight_outside, no power iteration
+matched or beat one at rank 4 on every task and no oversampling was best or tied; with it the
+sketches tie, and the fresh sketch halves [M4]'s work. At rank 16, oversampling helped on one task
+of three (README: "Choosing rank, sketch and learning rate").
 
 Memory: a dense moment of an (m, n) matrix costs m n floats; rank-r factors U (m, r), s (r), Vh (r, n)
 cost r (m + n + 1). For 4096 x 4096 at r = 4, AdamW keeps 2 * 16.8M = 33.6M floats, MLorc_AdamW keeps
@@ -84,7 +93,7 @@ Options (per param group):
 
 Usage:
     import mlorc
-    opt = mlorc.MLorc_AdamW(model.parameters(), lr=3e-3, rank=4)    # about 3x your AdamW lr
+    opt = mlorc.MLorc_AdamW(model.parameters(), lr=1e-3, rank=4)    # your AdamW lr (up to 3x)
     for x, y in data:
         loss_fn(model(x), y).backward()
         opt.step()
@@ -185,7 +194,7 @@ def reconstruct(U, s, Vh):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Reductions: every sum or mean over a parameter in the update rules goes through these four
+# Reductions: every sum or mean over a parameter in the update rules goes through these
 # functions. In one process each is the plain torch call. A parameter split across ranks (FSDP2) is
 # stepped on each rank's block inside reductions_across(shards) (section "Sharded parameters"), which
 # makes them complete their sums across its ranks: the rules are written once, for whole tensors.
@@ -197,6 +206,21 @@ def total(partial):
     """Sums over a parameter's entries (any tensor of them), completed across ranks where it is split."""
     split = _SPLIT.get()
     return partial if split is None else split.total(partial)
+
+
+def reduce_matmul(a, b, over):
+    """a @ b, whose summed dim stands for the parameter's dim `over` (0: rows, -1: columns),
+    completed across ranks where the parameter is split along that dim."""
+    split = _SPLIT.get()
+    if split is None or over % split.ndim != split.dim:
+        return a @ b
+    return split.total(a @ b)
+
+
+def whole_shape(x):
+    """The whole parameter's shape, where x is one rank's block of it (x's own shape otherwise)."""
+    split = _SPLIT.get()
+    return x.shape if split is None else split.shape
 
 
 def reduce_sum(x, dim=None, over=None):
@@ -296,6 +320,28 @@ def orthograd(w, g, eps=1e-30):
     return (g_orth * scale).view_as(g).to(g.dtype)
 
 
+def kept_part(g, U, Vh):
+    """The part of the gradient g inside the column space or the row space of the compressed momentum
+    U diag(s) Vh, as factors (L, R) with that part = L @ R (rank 2r): U U^T g + (g Vh^T - U U^T g Vh^T) Vh.
+    None where the factors span a whole side of the matrix (a full-rank moment): all of g is inside."""
+    shape = whole_shape(g)
+    if U.shape[-1] >= min(shape[0], math.prod(shape[1:])):
+        return None
+    G = g.reshape(g.shape[0], math.prod(g.shape[1:]))      # this rank's block where p is split
+    UtG = reduce_matmul(U.mT, G, over=0)                    # (r, cols): U^T g
+    GV = reduce_matmul(G, Vh.mT, over=-1)                   # (rows, r): g Vh^T
+    UtGV = reduce_matmul(UtG, Vh.mT, over=-1)               # (r, r)
+    return torch.cat([U, GV - U @ UtGV], dim=-1), torch.cat([UtG, Vh], dim=-2)
+
+
+def outside_kept(g, U, Vh):
+    """The rest of g, (1 - U U^T) g (1 - Vh^T Vh): m~ holds no history there, so MLorc's
+    m_t = b1 m~ + (1 - b1) g gives it weight 1 - b1 where dense Adam's m gives a gradient that
+    persists weight ~1 ([M6] in the module docstring). None where nothing is outside."""
+    kept = kept_part(g, U, Vh)
+    return None if kept is None else g - (kept[0] @ kept[1]).view_as(g)
+
+
 # (b) directions, one per variant
 
 def adam_ratio_bound(step, b1, b2, bias_correction=False):
@@ -323,14 +369,18 @@ def adam_ratio_bound(step, b1, b2, bias_correction=False):
     return bound
 
 
-def adamw_direction(m, v, step, betas, eps, use_atan2, bounded=False):
+def adamw_direction(m, v, step, betas, eps, use_atan2, bounded=False, outside=None):
     """[M5][M6] Adam's bias-corrected m_hat / (sqrt(v_hat) + eps), or its atan2 form (no eps). When
-    `bounded` (m and v were rebuilt from factors), clamped to what dense Adam can reach at `step`."""
+    `bounded` (m and v were rebuilt from factors), clamped to what dense Adam can reach at `step`.
+    `outside` (outside_kept's part of g, or None) enters m_hat at weight 1 instead of (1 - b1) / bc1."""
     bc1, bc2 = 1 - betas[0] ** step, 1 - betas[1] ** step
+    m_hat = m / bc1
+    if outside is not None:
+        m_hat = m_hat + (1 - (1 - betas[0]) / bc1) * outside
     if use_atan2:
-        d = ATAN2_SCALE * torch.atan2(m / bc1, (v / bc2).sqrt())
+        d = ATAN2_SCALE * torch.atan2(m_hat, (v / bc2).sqrt())
     else:
-        d = (m / bc1) / (v.sqrt() / math.sqrt(bc2) + eps)
+        d = m_hat / (v.sqrt() / math.sqrt(bc2) + eps)
     if not bounded:
         return d
     return clamp_ratio(d, adam_ratio_bound(step, *betas, bias_correction=True), use_atan2)
@@ -459,8 +509,8 @@ COMMON_DOC = """
             None keeps dense moments. rank >= min(m, n) keeps the moment exactly.
         oversampling (int >= 0, default 0): extra sketch columns p of the randomized SVD.
         power_iters (int >= 0, default 0): power iterations of the randomized SVD. Both make the
-            factors more accurate, which is not what training needs: they trained worse or the same
-            on real tasks (see "Which sketch" in the module docstring).
+            factors more accurate, which is not what training needs: they trained no better on
+            real tasks (see "Which sketch" in the module docstring).
         seed (int, default 0): seed of the sketches; each parameter's step draws from a generator
             seeded by (seed, parameter index, step), so resuming from a state dict is bitwise exact
             and the global RNG is never touched.
@@ -635,7 +685,7 @@ class _MLorcOptimizer(torch.optim.Optimizer):
     # A saved group that lacks an option was written before the option existed: it gets the value
     # that reproduces the saved run. For the sketch that is the first release's (oversampling 4, one
     # power iteration), not today's default; for the other options, their default (their absence).
-    BEFORE_OPTION = {"oversampling": 4, "power_iters": 1}
+    BEFORE_OPTION = {"oversampling": 4, "power_iters": 1, "full_weight_outside": False}
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -677,6 +727,10 @@ class MLorc_AdamW(_MLorcOptimizer):
     Give it every trainable parameter: matrices get compressed moments, vectors dense ones.
         lr (float >= 0, default 1e-3), betas ((b1, b2) in [0, 1), default (0.9, 0.999)),
         eps (float >= 0, default 1e-8; unused with use_atan2), weight_decay (decoupled, default 1e-2).
+        full_weight_outside (bool, default True): the part of g outside the column and row spaces
+            of the previous compressed m~ enters m_hat at weight 1, not (1 - b1) / (1 - b1^t): m~
+            holds no history there ("Where m~ holds no history" in the module docstring). False:
+            the direction from the EMA m_t alone. No effect at full rank or with dense moments.
         use_atan2 (bool, default False): Adam-atan2 instead of m / (sqrt(v) + eps).
         use_grams (bool, default False): Grams sign correction (excludes use_cautious).
     State: step, exp_avg_{U,s,Vh} and exp_avg_sq_{U,s,Vh} for matrices (exp_avg, exp_avg_sq if dense).
@@ -685,17 +739,21 @@ class MLorc_AdamW(_MLorcOptimizer):
     second_moments = ("exp_avg_sq",)
     supports_atan2 = True
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, **options):
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
-                         **options)
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 full_weight_outside=True, **options):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      full_weight_outside=full_weight_outside), **options)
 
     def _direction(self, p, g, prev, state, group, step):
         """Adam, or its atan2 form, on the new dense moments."""
         b1, b2 = group["betas"]
         m = prev["exp_avg"].lerp(g, 1 - b1)                                                # [M3]
         v = prev["exp_avg_sq"] * b2 + g * g * (1 - b2)
+        outside = None
+        if group["full_weight_outside"] and "exp_avg_U" in state:
+            outside = outside_kept(g, state["exp_avg_U"], state["exp_avg_Vh"])
         d = adamw_direction(m, v, step, group["betas"], group["eps"], group["use_atan2"],   # [M5][M6]
-                            bounded="exp_avg_U" in state)
+                            bounded="exp_avg_U" in state, outside=outside)
         return d, group["lr"], {"exp_avg": m, "exp_avg_sq": v}
 
 
@@ -1034,6 +1092,8 @@ def validate_group(opt, group):
             bad(arg, "must be a number > 0")
     if "slice_p" in group and (not _is_int(group["slice_p"]) or group["slice_p"] < 1):
         bad("slice_p", "must be an int >= 1")
+    if "full_weight_outside" in group and not isinstance(group["full_weight_outside"], bool):
+        bad("full_weight_outside", "must be True or False")
     if opt.sign_based and group["use_grams"]:
         bad("use_grams", f"{name}'s step is already a sign; Grams would make it signSGD")
     if group["use_grams"] and group["use_cautious"]:
@@ -1318,6 +1378,9 @@ def adamw_fused(opt, p, g, state, group, step):
     shift = torch.ops.mlorc.negative_mean(*v_old)                                       # [M2]
     scalars = (b1, b2, group["lr"], group["weight_decay"], group["eps"], 1 - b1 ** step, 1 - b2 ** step,
                adam_ratio_bound(step, b1, b2))      # the kernel clamps m / (sqrt(v) + eps'): C_t
+    kept = kept_part(G, m_old[0], m_old[2]) if group["full_weight_outside"] else None
+    if kept is not None:                            # the kernel adds (b1 - b1^t) (g - kept) to m
+        scalars += (*(f.contiguous() for f in kept), b1 - b1 ** step)
     if through_products(opt, p, group):
         torch.ops.mlorc.adamw_update_(P, G, *m_old, *v_old, shift, *scalars)
         return {opt.moments: [NewMoment(G, m_old, b1), NewMoment(G, v_old, b2, True, shift)]}

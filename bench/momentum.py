@@ -16,6 +16,8 @@ together, it compares what MLorc used with what dense Adam would have used from 
   overlap          how much of the subspace that m's factors keep (the span of U) was kept at the
                    previous step too: ||U_prev^T U||_F^2 / r, 1 for the same subspace, about r / rows
                    for unrelated random ones (mean over matrices)
+  outside          the share of the gradient's energy outside the column and the row space of the
+                   previous m~ (mlorc.outside_kept), where m~ holds no history: ||g_out||^2 / ||g||^2
   train loss       the mean training loss of the last 10 steps, beside the held-out loss at the end
 With --probe-every K, every K steps, from the matrices' values before the step and on the next
 (unseen) batch: the loss decrease of one step of lr along MLorc's u and along dense Adam's u_d, and
@@ -23,7 +25,8 @@ the curvature along each, x'Hx / |x|^2 (a secant estimate over the step); and at
 each sum's energy in its own top-r singular directions.
 Sketches (--sketches): r+p oversampling and q power iterations as "p{p}q{q}"; "exact" (the optimal
 rank-r truncation: an exact SVD); "fixed" (p0q0 with the same Gaussian Omega at every step of a
-parameter, a fixed random subspace instead of a fresh one).
+parameter, a fixed random subspace instead of a fresh one). A suffix "+ema" takes the direction from
+the EMA m_t alone (full_weight_outside=False, the rule before it), e.g. p0q0+ema.
 
     python bench/momentum.py --task tinygpt --lr 3e-3 --plot momentum.png
     python bench/momentum.py --task tinygpt --lr 1e-2 --sketches p0q0,p4q1,fixed --probe-every 4
@@ -43,12 +46,16 @@ from quality import mlorc                                        # noqa: E402
 
 def sketch_options(name):
     """MLorc_AdamW keyword arguments of a sketch name, and whether its Omega is fixed over steps."""
+    name, _, suffix = name.partition("+")
+    if suffix not in ("", "ema"):
+        raise ValueError(f"unknown suffix +{suffix} (only +ema)")
+    options = dict(full_weight_outside=suffix != "ema")
     if name == "exact":
-        return dict(oversampling=10**6, power_iters=0), False     # r + p >= min(m, n): exact SVD
+        return dict(options, oversampling=10**6, power_iters=0), False    # r + p >= min(m, n): exact
     if name == "fixed":
-        return dict(oversampling=0, power_iters=0), True
+        return dict(options, oversampling=0, power_iters=0), True
     over, iters = name[1:].split("q")
-    return dict(oversampling=int(over), power_iters=int(iters)), False
+    return dict(options, oversampling=int(over), power_iters=int(iters)), False
 
 
 def cosine_and_ratio(a, b):
@@ -123,17 +130,21 @@ def track(task, sketch, lr, rank, seed=0, probe_every=0):
                 state = opt.state[p]
                 m_old = mlorc.load_moment(state, "exp_avg", p.shape) if state else torch.zeros_like(p)
                 U_old = state["exp_avg_U"].clone() if state else None
-                before[p] = (p.detach().clone(), m_old.clone(), U_old)
+                Vh_old = state["exp_avg_Vh"].clone() if state else None
+                before[p] = (p.detach().clone(), m_old.clone(), U_old, Vh_old)
             step_lr = opt.param_groups[0]["lr"]
             opt.step()
             sched.step()
-            used_m, dense_m, used_u, dense_u, overlaps = [], [], [], [], []
+            used_m, dense_m, used_u, dense_u, overlaps, outside = [], [], [], [], [], [0.0, 0.0]
             with torch.no_grad():
                 for p in matrices:
-                    g, (p_old, m_old, U_old), (m_d, v_d) = p.grad, before[p], dense[p]
+                    g, (p_old, m_old, U_old, Vh_old), (m_d, v_d) = p.grad, before[p], dense[p]
                     if U_old is not None and t > 2:               # step 1's factors come from zeros
                         U = opt.state[p]["exp_avg_U"]
                         overlaps.append(((U_old.mT @ U) ** 2).sum().item() / U.shape[1])
+                        g_out = mlorc.outside_kept(g, U_old, Vh_old)
+                        outside[0] += 0.0 if g_out is None else g_out.square().sum().item()
+                        outside[1] += g.square().sum().item()
                     m_d.lerp_(g, 1 - b1)
                     v_d.mul_(b2).addcmul_(g, g, value=1 - b2)
                     u = (p_old - p) / step_lr                     # weight decay 0: the direction d_t
@@ -150,7 +161,8 @@ def track(task, sketch, lr, rank, seed=0, probe_every=0):
                                              torch.cat([s[1].flatten() for s in sums.values()]))
             rows.append(dict(step=t, m_cos=m_cos, m_norm=m_norm, u_cos=u_cos, u_norm=u_norm,
                              sum_cos=s_cos, sum_norm=s_norm,
-                             overlap=statistics.mean(overlaps) if overlaps else float("nan")))
+                             overlap=statistics.mean(overlaps) if overlaps else float("nan"),
+                             outside=outside[0] / outside[1] if outside[1] else float("nan")))
             if probe_every and t % probe_every == 0 and t < len(batches):     # on the next, unseen batch
                 rows[-1].update(probe(task, model, batches[t], before, step_lr, matrices, dense, b1, b2, eps, t))
     finally:
@@ -189,16 +201,16 @@ def head_and_tail(sums, matrices, rank):
 def summary(runs):
     """The markdown table of {sketch: (rows, final loss)}: means over steps, sums at the last step."""
     lines = ["| sketch | m cos | m norm | u cos | u norm | sum u cos | sum u norm | head cos | tail cos | overlap "
-             "| train loss | held-out loss |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| outside | train loss | held-out loss |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, (rows, final) in runs.items():
         mean = {k: statistics.mean(r[k] for r in rows if r[k] == r[k])
-                for k in ("m_cos", "m_norm", "u_cos", "u_norm", "overlap")}
+                for k in ("m_cos", "m_norm", "u_cos", "u_norm", "overlap", "outside")}
         last = rows[-1]
         lines.append(f"| {name} | {mean['m_cos']:.3f} | {mean['m_norm']:.3f} | {mean['u_cos']:.3f} | "
                      f"{mean['u_norm']:.3f} | {last['sum_cos']:.3f} | {last['sum_norm']:.3f} | "
                      f"{last['head_cos']:.3f} | {last['tail_cos']:.3f} | {mean['overlap']:.3f} | "
-                     f"{last['train_loss']:.4f} | {final:.4f} |")
+                     f"{mean['outside']:.3f} | {last['train_loss']:.4f} | {final:.4f} |")
     return "\n".join(lines)
 
 

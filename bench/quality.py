@@ -22,10 +22,15 @@ r{4,16} x p{0,2,4} x q{0,1}. A suffix "+name" picks a candidate option (OPTIONS)
 (Adafactor's factored v, m alone compressed) or "+warm" (the sketch warm-started from the previous
 right factors), or a diagnostic that tells which moment's compression costs what: "+densev" /
 "+densem" (v, or m, kept dense; the other compressed) and "+accm" / "+accv" (m's, or v's, sketch
-made accurate, p4q1; the other's as configured). These classes are pure PyTorch: run them with
-MLORC_EXTENSION=0. Four suffixes change the param groups instead (parse_config): "+vecK", "+wdK",
-"+smalldense", "+denseemb". The two candidate rules of the bounded step, "+pair" and "+clamp", are
-in this file at 84ffe9b; the clamp became [M6]'s bound.
+made accurate, p4q1; the other's as configured), or "+keepnorm" (m's factors rescaled to m_t's
+norm), or "+resid" (g outside the column space of m~, or the row space for tall matrices, weighted 1,
+not 1 - b1, in the direction: the one-sided form of full_weight_outside). MLorc_AdamW's own option:
+"+outside" (full_weight_outside=True, the default since it was measured here) and "+ema" (False,
+the direction from the EMA m_t alone, as before). The other classes are pure PyTorch: run them
+with MLORC_EXTENSION=0. Four suffixes change the param groups instead (parse_config): "+vecK",
+"+wdK", "+smalldense", "+denseemb"; "+betaX" sets betas = (X, 0.999), for AdamW too (e.g.
+adamw+beta0.5). The two candidate rules of the bounded
+step, "+pair" and "+clamp", are in this file at 84ffe9b; the clamp became [M6]'s bound.
 
 Learning rates: each configuration is swept on seed 0 over --lrs (extended by factors of 3 while the
 best lr is at an end of the sweep), then the other seeds run at the best lr. Results are appended to
@@ -180,6 +185,59 @@ class AccurateSketchOfV(AccurateSketchOf):
     accurate = "exp_avg_sq"
 
 
+class NormKeepingSketch(mlorc.MLorc_AdamW):
+    """Candidate: m's [M4] factors rescaled so that m~ keeps m_t's Frobenius norm (s <- s |m_t| / |s|).
+    A rank-r truncation keeps only part of m's norm (0.58-0.79 of it along the runs of
+    bench/momentum.py), so each recompression also shortens the momentum's memory; this keeps the
+    memory and gives up the truncation's optimality. At full rank the factor is 1. Pure PyTorch,
+    through the plain step."""
+
+    def __init__(self, params, **options):
+        super().__init__(params, **{**options, "batch_bytes": 0})
+
+    def _step_param(self, p, index, group):
+        queue, original = list(self.moments), mlorc.rsvd         # [M4] sketches m, then v
+
+        def sketch(A, rank, oversampling=0, power_iters=0, generator=None):
+            U, s, Vh = original(A, rank, oversampling, power_iters, generator)
+            if queue.pop(0) == "exp_avg" and s.norm() > 0:
+                s = s * (A.norm() / s.norm())
+            return U, s, Vh
+
+        mlorc.rsvd = sketch
+        try:
+            super()._step_param(p, index, group)
+        finally:
+            mlorc.rsvd = original
+
+
+class ResidualGradient(mlorc.MLorc_AdamW):
+    """Candidate: the part of g outside the previous m~'s kept subspace enters the direction with
+    weight 1 after bias correction (as with b1 = 0), not 1 - b1. MLorc's m_t = b1 m~ + (1 - b1) g
+    keeps a direction's history only while the sketch keeps that direction; outside, the gradient
+    counts 1 - b1 = 0.1 where dense Adam's persistent gradients count ~1. The subspace is U's (left)
+    when the matrix has no more rows than columns, Vh's (right) otherwise, so at full rank it is
+    everything and the step is AdamW's. The stored m_t is MLorc's. Pure PyTorch, plain step."""
+
+    def __init__(self, params, **options):
+        super().__init__(params, **{**options, "batch_bytes": 0})
+
+    def _direction(self, p, g, prev, state, group, step):
+        b1, b2 = group["betas"]
+        m = prev["exp_avg"].lerp(g, 1 - b1)                                                # [M3]
+        v = prev["exp_avg_sq"] * b2 + g * g * (1 - b2)
+        used = m
+        if "exp_avg_U" in state:
+            G = g.reshape(mlorc.matrix_shape(p))
+            U, Vh = state["exp_avg_U"], state["exp_avg_Vh"]
+            outside = G - U @ (U.mT @ G) if G.shape[0] <= G.shape[1] else G - (G @ Vh.mT) @ Vh
+            # m_hat = used / (1 - b1^t): outside's weight becomes (1 - b1 + b1 - b1^t) / (1 - b1^t) = 1
+            used = m + (b1 - b1 ** step) * outside.reshape(p.shape)
+        d = mlorc.adamw_direction(used, v, step, group["betas"], group["eps"], group["use_atan2"],
+                                  bounded="exp_avg_U" in state)
+        return d, group["lr"], {"exp_avg": m, "exp_avg_sq": v}
+
+
 OPTIONS = {        # "+name" suffixes of a configuration -> (class, extra keyword arguments)
     "factoredv": (FactoredSecondMoment, {}),
     "warm": (WarmStartSketch, {}),
@@ -187,6 +245,10 @@ OPTIONS = {        # "+name" suffixes of a configuration -> (class, extra keywor
     "densem": (DenseFirstMoment, {}),
     "accm": (AccurateSketchOf, {}),
     "accv": (AccurateSketchOfV, {}),
+    "keepnorm": (NormKeepingSketch, {}),
+    "resid": (ResidualGradient, {}),
+    "outside": (mlorc.MLorc_AdamW, {"full_weight_outside": True}),       # the default now
+    "ema": (mlorc.MLorc_AdamW, {"full_weight_outside": False}),          # the rule before it
 }
 
 
@@ -408,6 +470,9 @@ def parse_config(name):
         if option.startswith("vec"):
             extra["vector_lr_divisor"] = float(option[len("vec"):])
             continue
+        if option.startswith("beta"):
+            extra["betas"] = (float(option[len("beta"):]), 0.999)
+            continue
         if option.startswith("wd"):
             extra["weight_decay_divisor"] = float(option[len("wd"):])
             continue
@@ -435,7 +500,8 @@ def make_optimizer(config, model, lr, seed):
         if divisor and all(p.ndim < 2 for p in group["params"]):
             group["lr"] = lr / divisor
     if sketch is None:
-        return torch.optim.AdamW([{k: v for k, v in g.items() if k != "rank"} for g in groups], lr=lr)
+        return torch.optim.AdamW([{k: v for k, v in g.items() if k != "rank"} for g in groups], lr=lr,
+                                 **extra)
     return cls(groups, lr=lr, oversampling=sketch[1], power_iters=sketch[2], seed=seed, **extra)
 
 

@@ -54,25 +54,28 @@ void negative_rows(const Factors& v, int64_t begin, int64_t end, float* w, doubl
   }
 }
 
-// rows [begin, end); m_row and v_row hold one rebuilt row each, w the weights of both moments;
-// m_out and v_out may be null
-void adamw_rows(const AdamWArgs args, const Factors& m_old, const Factors& v_old, int64_t begin,
-                int64_t end, int64_t cols, float* p, const float* g, float* m_out, float* v_out,
-                float* m_row, float* v_row, float* w) {
+// rows [begin, end); m_row, v_row and k_row hold one rebuilt row each (k_row: g's kept part, when
+// kept has terms), w the weights of all three; m_out and v_out may be null
+void adamw_rows(const AdamWArgs args, const Factors& m_old, const Factors& v_old, const Factors& kept,
+                int64_t begin, int64_t end, int64_t cols, float* p, const float* g, float* m_out,
+                float* v_out, float* m_row, float* v_row, float* k_row, float* w) {
+  if (kept.r == 0) std::memset(k_row, 0, kept.stride * sizeof(float));
   for (int64_t i = begin; i < end; ++i) {
     rebuild_row(m_old, i, w, m_row);
     rebuild_row(v_old, i, w + m_old.r, v_row);
+    if (kept.r > 0) rebuild_row(kept, i, w + m_old.r + v_old.r, k_row);
     float* __restrict pi = p + i * cols;      // restrict: no two of these overlap, so the loops
     const float* __restrict gi = g + i * cols;  // vectorize without run-time overlap checks
     if (m_out == nullptr) {
       for (int64_t j = 0; j < cols; ++j) {
         float m, v;
-        adamw_update(args, pi[j], gi[j], m_row[j], v_row[j], m, v);
+        adamw_update(args, pi[j], gi[j], m_row[j], v_row[j], k_row[j], m, v);
       }
     } else {
       float* __restrict mi = m_out + i * cols;
       float* __restrict vi = v_out + i * cols;
-      for (int64_t j = 0; j < cols; ++j) adamw_update(args, pi[j], gi[j], m_row[j], v_row[j], mi[j], vi[j]);
+      for (int64_t j = 0; j < cols; ++j)
+        adamw_update(args, pi[j], gi[j], m_row[j], v_row[j], k_row[j], mi[j], vi[j]);
     }
   }
 }

@@ -50,12 +50,12 @@ __global__ void negative_mean_kernel(const float* U, const float* s, const float
 
 __global__ void adamw_kernel(AdamWArgs a, const float* shift, int64_t rows, int64_t cols, float* p,
                              const float* g, const float* mU, const float* ms, const float* mVh,
-                             const float* vU, const float* vs, const float* vVh, float* m_out,
-                             float* v_out) {
+                             const float* vU, const float* vs, const float* vVh, const float* kU,
+                             const float* ks, const float* kVh, float* m_out, float* v_out) {
   const int64_t e = blockIdx.x * int64_t(kThreads) + threadIdx.x;
   if (e >= rows * cols) return;
   a.shift = *shift;
-  adamw_entry(a, e / cols, e % cols, cols, p, g, mU, ms, mVh, vU, vs, vVh, m_out, v_out);
+  adamw_entry(a, e / cols, e % cols, cols, p, g, mU, ms, mVh, vU, vs, vVh, kU, ks, kVh, m_out, v_out);
 }
 
 __global__ void lion_kernel(LionArgs a, int64_t rows, int64_t cols, float* p, const float* g,
@@ -98,17 +98,21 @@ at::Tensor negative_mean_cuda(const at::Tensor& U, const at::Tensor& s, const at
 void adamw_cuda(at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU, const at::Tensor& ms,
                 const at::Tensor& mVh, const at::Tensor& vU, const at::Tensor& vs, const at::Tensor& vVh,
                 const at::Tensor& shift, float* m_out, float* v_out, double beta1, double beta2,
-                double lr, double weight_decay, double eps, double bc1, double bc2, double bound) {
+                double lr, double weight_decay, double eps, double bc1, double bc2, double bound,
+                const c10::optional<at::Tensor>& kept_U, const c10::optional<at::Tensor>& kept_Vh,
+                double outside) {
   const int64_t rows = param.size(0), cols = param.size(1);
-  check_adamw_args(param, grad, mU, ms, mVh, vU, vs, vVh, shift);
+  check_adamw_args(param, grad, mU, ms, mVh, vU, vs, vVh, shift, kept_U, kept_Vh);
   if (rows * cols == 0) return;
   const c10::cuda::CUDAGuard guard(param.device());
+  const auto [kU, ks, kVh] = kept_factors(param, kept_U, kept_Vh);
   const AdamWArgs args = make_adamw_args(beta1, beta2, lr, weight_decay, eps, bc1, bc2, bound, 0.f,
-                                         ms.size(0), vs.size(0));
+                                         outside, ms.size(0), vs.size(0), ks.size(0));
   adamw_kernel<<<blocks_for(rows * cols), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       args, shift.data_ptr<float>(), rows, cols, param.data_ptr<float>(), grad.data_ptr<float>(),
       mU.data_ptr<float>(), ms.data_ptr<float>(), mVh.data_ptr<float>(), vU.data_ptr<float>(),
-      vs.data_ptr<float>(), vVh.data_ptr<float>(), m_out, v_out);
+      vs.data_ptr<float>(), vVh.data_ptr<float>(), kU.data_ptr<float>(), ks.data_ptr<float>(),
+      kVh.data_ptr<float>(), m_out, v_out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -15,9 +15,11 @@ namespace mlorc {
 struct AdamWArgs {
   // Adam's (m / bc1) / (sqrt(v) / sqrt(bc2) + eps), with its three divisions folded into one:
   // step_size * m / (sqrt(v) + eps_hat), step_size = lr sqrt(bc2) / bc1, eps_hat = eps sqrt(bc2);
-  // the ratio m / (sqrt(v) + eps_hat) clamped to +-bound, C_t (mlorc.adam_ratio_bound)
-  float beta1, beta2, step_size, decay, eps_hat, bound, shift;
-  int64_t rank_m, rank_v;
+  // the ratio m / (sqrt(v) + eps_hat) clamped to +-bound, C_t (mlorc.adam_ratio_bound). With
+  // full_weight_outside the ratio's m is m + outside * (g - kept), kept being g's part in m~'s
+  // column or row space (mlorc.kept_part, rank_k terms) and outside = b1 - b1^t; 0 and 0 without.
+  float beta1, beta2, step_size, decay, eps_hat, bound, shift, outside;
+  int64_t rank_m, rank_v, rank_k;
 };
 
 struct LionArgs {
@@ -27,10 +29,10 @@ struct LionArgs {
 
 inline AdamWArgs make_adamw_args(double beta1, double beta2, double lr, double weight_decay,
                                  double eps, double bc1, double bc2, double bound, float shift,
-                                 int64_t rank_m, int64_t rank_v) {
+                                 double outside, int64_t rank_m, int64_t rank_v, int64_t rank_k) {
   return AdamWArgs{float(beta1), float(beta2), float(lr * std::sqrt(bc2) / bc1),
                    float(1.0 - lr * weight_decay), float(eps * std::sqrt(bc2)), float(bound), shift,
-                   rank_m, rank_v};
+                   float(outside), rank_m, rank_v, rank_k};
 }
 
 inline LionArgs make_lion_args(double beta1, double beta2, double lr, double weight_decay, int64_t rank) {
@@ -46,14 +48,14 @@ MLORC_HD float lowrank_entry(const float* U, const float* s, const float* Vh, in
 }
 
 // [M2] repair, [M3] EMA, [M5][M6] Adam clamped to dense Adam's bound, [M7] apply at one entry,
-// from its rebuilt m~ and v~. The clamp is written with comparisons so that a NaN stays NaN, as in
-// torch.clamp.
+// from its rebuilt m~ and v~ (and g's kept part, see AdamWArgs). The clamp is written with
+// comparisons so that a NaN stays NaN, as in torch.clamp.
 MLORC_HD void adamw_update(const AdamWArgs& a, float& p, float g, float m_prev, float v_prev,
-                           float& m, float& v) {
+                           float kept, float& m, float& v) {
   if (v_prev < 0.f) v_prev = a.shift;
   m = m_prev * a.beta1 + g * (1.f - a.beta1);
   v = v_prev * a.beta2 + g * g * (1.f - a.beta2);
-  float ratio = m / (sqrtf(v) + a.eps_hat);
+  float ratio = (a.rank_k > 0 ? m + a.outside * (g - kept) : m) / (sqrtf(v) + a.eps_hat);
   ratio = ratio > a.bound ? a.bound : ratio < -a.bound ? -a.bound : ratio;
   p = p * a.decay - a.step_size * ratio;
 }
@@ -62,13 +64,14 @@ MLORC_HD void adamw_update(const AdamWArgs& a, float& p, float g, float m_prev, 
 // unless m_out and v_out are null.
 MLORC_HD void adamw_entry(const AdamWArgs& a, int64_t i, int64_t j, int64_t cols, float* p,
                           const float* g, const float* mU, const float* ms, const float* mVh,
-                          const float* vU, const float* vs, const float* vVh, float* m_out,
-                          float* v_out) {
+                          const float* vU, const float* vs, const float* vVh, const float* kU,
+                          const float* ks, const float* kVh, float* m_out, float* v_out) {
   const int64_t e = i * cols + j;
   const float v_prev = lowrank_entry(vU, vs, vVh, a.rank_v, i, j, cols);
   const float m_prev = lowrank_entry(mU, ms, mVh, a.rank_m, i, j, cols);
+  const float kept = a.rank_k > 0 ? lowrank_entry(kU, ks, kVh, a.rank_k, i, j, cols) : 0.f;
   float m, v;
-  adamw_update(a, p[e], g[e], m_prev, v_prev, m, v);
+  adamw_update(a, p[e], g[e], m_prev, v_prev, kept, m, v);
   if (m_out != nullptr) {
     m_out[e] = m;
     v_out[e] = v;

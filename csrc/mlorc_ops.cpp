@@ -270,33 +270,52 @@ at::Tensor negative_mean_cpu(const at::Tensor& U, const at::Tensor& s, const at:
 
 void check_adamw_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU,
                       const at::Tensor& ms, const at::Tensor& mVh, const at::Tensor& vU,
-                      const at::Tensor& vs, const at::Tensor& vVh, const at::Tensor& shift) {
+                      const at::Tensor& vs, const at::Tensor& vVh, const at::Tensor& shift,
+                      const c10::optional<at::Tensor>& kept_U, const c10::optional<at::Tensor>& kept_Vh) {
   const int64_t rows = param.size(0), cols = param.size(1);
   check_dense(param, rows, cols, "param");
   check_dense(grad, rows, cols, "grad");
   check_factors(mU, ms, mVh, rows, cols, "exp_avg");
   check_factors(vU, vs, vVh, rows, cols, "exp_avg_sq");
   TORCH_CHECK(shift.numel() == 1 && shift.scalar_type() == at::kFloat, "mlorc: shift must be one float32");
+  TORCH_CHECK(kept_U.has_value() == kept_Vh.has_value(), "mlorc: give both kept_U and kept_Vh, or neither");
+  if (kept_U.has_value()) {
+    const at::Tensor ones = at::ones({kept_U->size(-1)}, kept_U->options());
+    check_factors(*kept_U, ones, *kept_Vh, rows, cols, "kept");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kept_factors(const at::Tensor& param,
+                                                            const c10::optional<at::Tensor>& kept_U,
+                                                            const c10::optional<at::Tensor>& kept_Vh) {
+  if (kept_U.has_value())
+    return {*kept_U, at::ones({kept_U->size(1)}, kept_U->options()), *kept_Vh};
+  return {at::zeros({param.size(0), 0}, param.options()), at::zeros({0}, param.options()),
+          at::zeros({0, param.size(1)}, param.options())};
 }
 
 void adamw_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU, const at::Tensor& ms,
                const at::Tensor& mVh, const at::Tensor& vU, const at::Tensor& vs, const at::Tensor& vVh,
                const at::Tensor& shift, float* m_out, float* v_out, double beta1, double beta2,
-               double lr, double weight_decay, double eps, double bc1, double bc2, double bound) {
-  check_adamw_args(param, grad, mU, ms, mVh, vU, vs, vVh, shift);
+               double lr, double weight_decay, double eps, double bc1, double bc2, double bound,
+               const c10::optional<at::Tensor>& kept_U, const c10::optional<at::Tensor>& kept_Vh,
+               double outside) {
+  check_adamw_args(param, grad, mU, ms, mVh, vU, vs, vVh, shift, kept_U, kept_Vh);
   const int64_t rows = param.size(0), cols = param.size(1);
+  const auto [kU, ks, kVh] = kept_factors(param, kept_U, kept_Vh);
   const AdamWArgs args = make_adamw_args(beta1, beta2, lr, weight_decay, eps, bc1, bc2, bound,
-                                         shift.item<float>(), ms.size(0), vs.size(0));
-  const at::Tensor mvh = padded(mVh), vvh = padded(vVh);
-  const Factors m_old(mU, ms, mvh), v_old(vU, vs, vvh);
+                                         shift.item<float>(), outside, ms.size(0), vs.size(0),
+                                         ks.size(0));
+  const at::Tensor mvh = padded(mVh), vvh = padded(vVh), kvh = padded(kVh);
+  const Factors m_old(mU, ms, mvh), v_old(vU, vs, vvh), kept(kU, ks, kvh);
   float* p = param.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
   const int64_t stride = mvh.size(1);
   const auto adamw = MLORC_ROWS(adamw_rows);
-  for_row_blocks(rows, cols, 2 * stride + m_old.r + v_old.r, [&](int64_t, int64_t begin, int64_t end,
-                                                                 float* scratch) {
-    adamw(args, m_old, v_old, begin, end, cols, p, g, m_out, v_out, scratch, scratch + stride,
-          scratch + 2 * stride);
+  for_row_blocks(rows, cols, 3 * stride + m_old.r + v_old.r + kept.r,
+                 [&](int64_t, int64_t begin, int64_t end, float* scratch) {
+    adamw(args, m_old, v_old, kept, begin, end, cols, p, g, m_out, v_out, scratch, scratch + stride,
+          scratch + 2 * stride, scratch + 3 * stride);
   });
 }
 
@@ -424,14 +443,16 @@ TORCH_LIBRARY(mlorc, m) {
   m.def(
       "adamw_step_(Tensor(a!) param, Tensor grad, Tensor mU, Tensor ms, Tensor mVh, Tensor vU, "
       "Tensor vs, Tensor vVh, Tensor shift, Tensor(b!) m_out, Tensor(c!) v_out, float beta1, "
-      "float beta2, float lr, float weight_decay, float eps, float bc1, float bc2, float bound) -> ()");
+      "float beta2, float lr, float weight_decay, float eps, float bc1, float bc2, float bound, "
+      "Tensor? kept_U=None, Tensor? kept_Vh=None, float outside=0.0) -> ()");
   m.def(
       "lion_step_(Tensor(a!) param, Tensor grad, Tensor U, Tensor s, Tensor Vh, "
       "Tensor(b!) m_out, float beta1, float beta2, float lr, float weight_decay) -> ()");
   m.def(
       "adamw_update_(Tensor(a!) param, Tensor grad, Tensor mU, Tensor ms, Tensor mVh, Tensor vU, "
       "Tensor vs, Tensor vVh, Tensor shift, float beta1, float beta2, float lr, float weight_decay, "
-      "float eps, float bc1, float bc2, float bound) -> ()");
+      "float eps, float bc1, float bc2, float bound, Tensor? kept_U=None, Tensor? kept_Vh=None, "
+      "float outside=0.0) -> ()");
   m.def(
       "lion_update_(Tensor(a!) param, Tensor grad, Tensor U, Tensor s, Tensor Vh, float beta1, "
       "float beta2, float lr, float weight_decay) -> ()");
@@ -449,7 +470,8 @@ at::Tensor negative_mean_meta(const at::Tensor& U, const at::Tensor& s, const at
 void adamw_step_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                      const at::Tensor&, at::Tensor&, at::Tensor&, double, double, double, double,
-                     double, double, double, double) {}
+                     double, double, double, double, const c10::optional<at::Tensor>&,
+                     const c10::optional<at::Tensor>&, double) {}
 
 void lion_step_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                     const at::Tensor&, at::Tensor&, double, double, double, double) {}
@@ -457,6 +479,7 @@ void lion_step_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at:
 void adamw_update_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                        const at::Tensor&, double, double, double, double, double, double, double,
+                       double, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
                        double) {}
 
 void lion_update_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,

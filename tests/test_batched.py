@@ -12,7 +12,7 @@ import torch
 
 import mlorc
 
-VARIANTS = [(mlorc.MLorc_AdamW, {}), (mlorc.MLorc_Lion, {}), (mlorc.MLorc_Prodigy, {"d0": 1e-3}),
+VARIANTS = [(mlorc.MLorc_AdamW, {}), (mlorc.MLorc_AdamW, {"full_weight_outside": True}), (mlorc.MLorc_Lion, {}), (mlorc.MLorc_Prodigy, {"d0": 1e-3}),
             (mlorc.MLorc_DAdapt_Lion, {"d0": 1e-3}), (mlorc.MLorc_Adopt, {}), (mlorc.MLorc_CAME, {})]
 SHAPES = [(12, 10), (7,), (12, 10), (3, 4, 2, 2), (12, 10), (10, 12), (3, 4, 2, 2)]
 

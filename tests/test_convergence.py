@@ -4,17 +4,18 @@ The teacher is y = tanh(x A) B with A (32 x 64) of rank 4, normalized to unit va
 is a 32-64-64-8 tanh MLP trained for 300 minibatch steps (batch 64 of 1024 points), and the loss is
 the full-data MSE at the end. Measured with torch 2.13 on CPU, seeds 0-4, each optimizer at its best
 lr of 3e-3, 1e-2 and 3e-2 (torch.optim.AdamW 1e-2; MLorc_AdamW rank 4 with the default sketch, no
-oversampling or power iteration, 3e-2); final loss divided by torch.optim.AdamW's, both from the same
-initialization and batches:
+oversampling or power iteration, and full_weight_outside, also 1e-2); final loss divided by
+torch.optim.AdamW's, both from the same initialization and batches:
 
-    MLorc_AdamW rank 4, lr 3e-2:   2.73  2.20  2.58  2.83  1.67   (AdamW: 0.0048-0.0109, from ~1.03)
-    MLorc_AdamW rank 4, lr 1e-2:   2.71  2.61  2.67  2.17  2.37
-    MLorc_AdamW rank 4, lr 3e-3:  10.4   8.9   8.2   6.1   6.7    (a tenth of its lr: >= 6x)
+    MLorc_AdamW rank 4, lr 1e-2:   1.74  1.38  1.85  1.33  1.43   (AdamW: 0.0048-0.0109, from ~1.03)
+    MLorc_AdamW rank 4, lr 3e-3:   3.30  3.02  3.09  2.66  3.11
+    MLorc_AdamW rank 4, lr 3e-2:  14.4   3.9  19.5  41.9   9.5
+    without full_weight_outside, at its best lr (3e-2):  2.18  2.67  2.59  2.75  1.73
+    rank 1, lr 1e-2:              32.3   7.1  34.1  49.1  21.5
 
-So rank 4 costs about 2-3x in final loss here, and the bound below is 3.5x: 1.24x headroom over the
-worst measured seed. With the default sketch the rank matters little on this problem (rank 1 at its
-best lr, 1e-2: 1.9-2.8x); test_rank_matters checks the rank with an accurate sketch instead. At rank
-None MLorc_AdamW equals torch.optim.AdamW to the printed digits (test_smoke checks that equivalence
+So rank 4 costs about 1.3-1.9x in final loss here, and the bound below is 2.5x: 1.35x headroom over
+the worst measured seed; rank 1 costs 5-37x as much as rank 4 (test_rank_matters). At rank None
+MLorc_AdamW equals torch.optim.AdamW to the printed digits (test_smoke checks that equivalence
 exactly), so the factor measures the compression alone.
 """
 
@@ -23,7 +24,7 @@ import torch
 
 import mlorc
 
-STEPS, BATCH, LR, MLORC_LR = 300, 64, 1e-2, 3e-2
+STEPS, BATCH, LR, MLORC_LR = 300, 64, 1e-2, 1e-2
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -70,26 +71,25 @@ def train(make_opt, seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_rank_4_within_3x_of_torch_adamw(seed):
+def test_rank_4_within_2_5x_of_torch_adamw(seed):
     _, adamw = train(lambda ps: torch.optim.AdamW(ps, lr=LR), seed)
     initial, low_rank = train(lambda ps: mlorc.MLorc_AdamW(ps, lr=MLORC_LR, rank=4), seed)
     assert adamw < initial / 30                      # the baseline itself trained (measured 95-215x)
-    assert low_rank < 3.5 * adamw
+    assert low_rank < 2.5 * adamw
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_rank_matters(seed):
-    # with an accurate sketch (oversampling 4, one power iteration) at lr 3e-3 the rank-1 moment of a
-    # rank-4 problem is measurably worse: 3.45x and 2.70x rank 4's final loss on seeds 0 and 1
-    sketch = dict(lr=3e-3, oversampling=4, power_iters=1)
-    _, rank_1 = train(lambda ps: mlorc.MLorc_AdamW(ps, rank=1, **sketch), seed)
-    _, rank_4 = train(lambda ps: mlorc.MLorc_AdamW(ps, rank=4, **sketch), seed)
-    assert rank_1 > 1.5 * rank_4
+    # the rank-1 moment of a rank-4 problem is much worse: 18.5x and 5.1x rank 4's final loss on
+    # seeds 0 and 1 (the table above)
+    _, rank_1 = train(lambda ps: mlorc.MLorc_AdamW(ps, lr=MLORC_LR, rank=1), seed)
+    _, rank_4 = train(lambda ps: mlorc.MLorc_AdamW(ps, lr=MLORC_LR, rank=4), seed)
+    assert rank_1 > 2.5 * rank_4
 
 
 # lr per variant; measured reduction of the loss over the 300 steps, seeds 0-2, in parentheses
 SMOKE = {
-    "AdamW": lambda ps: mlorc.MLorc_AdamW(ps, lr=3e-3, rank=4),             # 17-22x
+    "AdamW": lambda ps: mlorc.MLorc_AdamW(ps, lr=3e-3, rank=4),             # 48-60x
     "Lion": lambda ps: mlorc.MLorc_Lion(ps, lr=1e-3, rank=4),               # 33-44x
     "Prodigy": lambda ps: mlorc.MLorc_Prodigy(ps, lr=1.0, rank=4),          # 76-93x
     "DAdapt_Lion": lambda ps: mlorc.MLorc_DAdapt_Lion(ps, lr=1.0, rank=4),  # 13-15x

@@ -66,19 +66,25 @@ def _test_negative_mean(ops, device):
 
 
 def _test_adamw_step(ops, device):
+    """Without and with full_weight_outside (g's kept part in m~'s column or row space, as factors;
+    None where the rank reaches the smaller side, as MLorc_AdamW passes it)."""
     b1, b2, lr, wd, eps, step = 0.9, 0.99, 1e-2, 0.1, 1e-8, 3
-    for case in sample_inputs(device):
+    for case, outside in itertools.product(sample_inputs(device), [False, True]):
         p, g = case["p"].clone(), case["g"]
         shift = ops.negative_mean(*case["v"])
         m_out, v_out = torch.empty_like(p), torch.empty_like(p)
+        U_m, Vh_m = torch.linalg.qr(case["m"][0]).Q, torch.linalg.qr(case["m"][2].mT).Q.mT
+        kept = mlorc.kept_part(g, U_m, Vh_m) if outside else None     # orthonormal, as rsvd's
+        extra = () if kept is None else (*kept, b1 - b1 ** step)
         ops.adamw_step_(p, g, *case["m"], *case["v"], shift, m_out, v_out, b1, b2, lr, wd, eps,
-                        1 - b1 ** step, 1 - b2 ** step, mlorc.adam_ratio_bound(step, b1, b2))
+                        1 - b1 ** step, 1 - b2 ** step, mlorc.adam_ratio_bound(step, b1, b2), *extra)
         # the Python twin: MLorc_AdamW._direction, then apply_update_ (random factors: the clamp
         # to dense Adam's bound fires on some entries)
         m = mlorc.reconstruct(*case["m"]) * b1 + g * (1 - b1)
         v = mlorc.repair_second_moment(mlorc.reconstruct(*case["v"])) * b2 + g * g * (1 - b2)
         expected = case["p"].clone()
-        d = mlorc.adamw_direction(m, v, step, (b1, b2), eps, False, bounded=True)
+        d = mlorc.adamw_direction(m, v, step, (b1, b2), eps, False, bounded=True,
+                                  outside=mlorc.outside_kept(g, U_m, Vh_m) if outside else None)
         mlorc.apply_update_(expected, d, lr, wd)
         torch.testing.assert_close(m_out, m, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(v_out, v, rtol=1e-5, atol=1e-6)
@@ -218,6 +224,9 @@ def _test_opcheck(ops, device):
     torch.library.opcheck(ops.lion_step_, (p, g, *case["m"], torch.empty_like(p), 0.9, 0.99, 1e-2, 0.1))
     torch.library.opcheck(ops.adamw_update_, (p, g, *case["m"], *case["v"], shift, 0.9, 0.99, 1e-2, 0.1,
                                               1e-8, 0.1, 0.01, 1.0))
+    kept = mlorc.kept_part(g, torch.linalg.qr(case["m"][0]).Q, torch.linalg.qr(case["m"][2].mT).Q.mT)
+    torch.library.opcheck(ops.adamw_update_, (p, g, *case["m"], *case["v"], shift, 0.9, 0.99, 1e-2, 0.1,
+                                              1e-8, 0.1, 0.01, 1.0, *kept, 0.8))
     torch.library.opcheck(ops.lion_update_, (p, g, *case["m"], 0.9, 0.99, 1e-2, 0.1))
     for transposed, size in [(False, p.shape[1]), (True, p.shape[0])]:
         X = torch.randn(size, 3, device=device)
@@ -279,9 +288,10 @@ def train(cls, extension, device, dtype=torch.float32, steps=20, **kwargs):
         return params
 
 
-@pytest.mark.parametrize("cls,kwargs", [(mlorc.MLorc_AdamW, dict(lr=1e-2, weight_decay=0.1)),
-                                        (mlorc.MLorc_Lion, dict(lr=1e-2, weight_decay=0.1))],
-                         ids=["AdamW", "Lion"])
+@pytest.mark.parametrize("cls,kwargs", [
+    (mlorc.MLorc_AdamW, dict(lr=1e-2, weight_decay=0.1, full_weight_outside=False)),
+    (mlorc.MLorc_AdamW, dict(lr=1e-2, weight_decay=0.1, full_weight_outside=True)),
+    (mlorc.MLorc_Lion, dict(lr=1e-2, weight_decay=0.1))], ids=["AdamW", "AdamW_outside", "Lion"])
 def test_optimizer_with_extension_matches_pure_pytorch(ext, cls, kwargs, device):
     pure, fused = train(cls, "0", device, **kwargs), train(cls, "1", device, **kwargs)
     start = train(cls, "0", device, steps=0, **kwargs)

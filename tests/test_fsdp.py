@@ -29,6 +29,7 @@ CONFIGS = {
     "AdamW": (mlorc.MLorc_AdamW, dict(lr=1e-2, rank=2, oversampling=1, power_iters=1)),  # power iteration
     "AdamW_options": (mlorc.MLorc_AdamW, dict(lr=1e-2, rank=3, oversampling=2, power_iters=0,
                                               use_orthograd=True, use_cautious=True)),
+    "AdamW_outside": (mlorc.MLorc_AdamW, dict(lr=1e-2, rank=2, full_weight_outside=True)),
     "Lion": (mlorc.MLorc_Lion, dict(lr=1e-3, rank=2, clip_threshold=0.5)),
     "Prodigy": (mlorc.MLorc_Prodigy, dict(lr=1.0, d0=1e-3, slice_p=1, rank=2)),
     "DAdapt_Lion": (mlorc.MLorc_DAdapt_Lion, dict(lr=1.0, d0=1e-3, slice_p=1, rank=2, clip_threshold=1.0)),

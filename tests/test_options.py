@@ -125,6 +125,50 @@ def test_use_atan2_prodigy(rank, use_atan2, float64):
     close(p, [[1 - step, 1 + step], [1 - step, 1 + step]], tol=1e-6)
 
 
+# full_weight_outside, at rank 1 on a 2x2 matrix (the sketched path: rank + oversampling < 2) with
+#   G1 = a b^T = [[3, 3], [3, 3]],  G2 = a' b'^T = [[1, -1], [-1, 1]]  (a' _|_ a, b' _|_ b),
+# betas (0.5, 0.9), eps 0, lr 1. G1 and G1^2 have rank 1, so step 1's factors hold m_1 and v_1
+# exactly: U = +-a / |a|, Vh = +-b^T / |b|. G2 lies outside both, where m~ holds no history.
+#   step 1: d1 = sign(G1): p1 = [[-1, -1], [-1, -1]]
+#   step 2: bc1 = 0.75, bc2 = 0.19, v_2 = 0.9 * 0.1 * 9 + 0.1 * 1 = 0.91, v_hat = 0.91 / 0.19
+#     without: m_hat = (0.25 G1 + 0.5 G2) / 0.75 = G1 / 3 + (2/3) G2 = [[5/3, 1/3], [1/3, 5/3]]
+#     with:    G2 enters at weight 1 instead of 0.5 / 0.75: m_hat = G1 / 3 + G2 = [[2, 0], [0, 2]]
+#   (|d2| <= 0.92, below dense Adam's bound B_2 = 1.04: the [M6] clamp does not act.) At dense and
+#   full rank nothing is outside, so the option changes nothing there.
+G1_RANK1 = [[3.0, 3.0], [3.0, 3.0]]
+G2_OUTSIDE = [[1.0, -1.0], [-1.0, 1.0]]
+
+
+@pytest.mark.parametrize("rank", [None, 1, 2], ids=["dense", "rank1", "full_rank"])
+@pytest.mark.parametrize("on", [False, True])
+def test_full_weight_outside_adamw(rank, on, float64):
+    p, _ = run(mlorc.MLorc_AdamW, ZERO, [G1_RANK1, G2_OUTSIDE], rank=rank, lr=1.0, betas=(0.5, 0.9),
+               eps=0.0, weight_decay=0.0, full_weight_outside=on)
+    m_hat = [[2.0, 0.0], [0.0, 2.0]] if on and rank == 1 else [[5 / 3, 1 / 3], [1 / 3, 5 / 3]]
+    sqrt_v_hat = math.sqrt(0.91 / 0.19)
+    close(p, [[-1.0 - x / sqrt_v_hat for x in row] for row in m_hat])
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6), (4, 3, 2)])
+def test_outside_kept_is_the_part_outside_both_spaces(shape, float64):
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(shape, generator=gen)
+    rows, cols = shape[0], math.prod(shape[1:])
+    U = torch.linalg.qr(torch.randn(rows, 2, generator=gen)).Q
+    Vh = torch.linalg.qr(torch.randn(cols, 2, generator=gen)).Q.mT
+    out = mlorc.outside_kept(g, U, Vh)
+    assert out.shape == g.shape
+    O = out.reshape(rows, cols)
+    torch.testing.assert_close(O, (torch.eye(rows) - U @ U.mT) @ g.reshape(rows, cols)
+                               @ (torch.eye(cols) - Vh.mT @ Vh))
+    torch.testing.assert_close(U.mT @ O, torch.zeros(2, cols))            # outside the columns
+    torch.testing.assert_close(O @ Vh.mT, torch.zeros(rows, 2))           # and the rows
+    k = min(rows, cols)                                                   # factors spanning a side
+    U_full = torch.linalg.qr(torch.randn(rows, k, generator=gen)).Q
+    Vh_full = torch.linalg.qr(torch.randn(cols, k, generator=gen)).Q.mT
+    assert mlorc.outside_kept(g, U_full, Vh_full) is None
+
+
 @RANKS
 def test_use_orthograd_adamw(rank, float64):
     # w = [[1, 1], [0, 0]], g = [[2, 0], [0, 1]]: w.g = 2, w.w = 2
@@ -410,6 +454,8 @@ def invalid_hyperparameters(cls):
         cases += [("d_coef", 0.0), ("growth_rate", 0.0), ("growth_rate", -1.0), ("d_coef", "1")]
     if cls in LION or cls is mlorc.MLorc_CAME:
         cases += [("clip_threshold", 0.0), ("clip_threshold", -1.0), ("clip_threshold", "1.0")]
+    if cls is mlorc.MLorc_AdamW:
+        cases += [("full_weight_outside", 1), ("full_weight_outside", "yes"), ("full_weight_outside", None)]
     return cases
 
 

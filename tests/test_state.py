@@ -143,20 +143,25 @@ def test_state_dict_call_does_not_change_the_run(name):
 def test_state_dict_without_newer_options_loads_and_steps(name):
     # a run of a version before these options existed: no OrthoGrad, and one power iteration (the
     # first release's sketch, which today's default no longer is)
+    # and, for AdamW, the direction without full_weight_outside
+    before = dict(full_weight_outside=False) if name == "AdamW" else {}
     params_a = make_params()
-    opt_a = make_opt(name, params_a, **LOW_RANK, power_iters=1)
+    opt_a = make_opt(name, params_a, **LOW_RANK, power_iters=1, **before)
     run(opt_a, params_a, 5)
 
     params_b = make_params()
-    opt_b = make_opt(name, params_b, **LOW_RANK, power_iters=1)
+    opt_b = make_opt(name, params_b, **LOW_RANK, power_iters=1, **before)
     run(opt_b, params_b, 2)
     old = opt_b.state_dict()
     for group in old["param_groups"]:            # a checkpoint written before these options existed
         del group["use_orthograd"], group["power_iters"]
+        group.pop("full_weight_outside", None)
     assert "power_iters" not in save_and_load(old)["param_groups"][0]
     opt_c, params_c = resume(name, params_b, old, **LOW_RANK)
     assert opt_c.param_groups[0]["use_orthograd"] is False
     assert opt_c.param_groups[0]["power_iters"] == 1
+    if name == "AdamW":
+        assert opt_c.param_groups[0]["full_weight_outside"] is False
     run(opt_c, params_c, 3, start=2)
     # the defaults filled in are the values the saved run used, so the resumed run is the same run
     assert_runs_identical(opt_a, params_a, opt_c, params_c)
