@@ -52,7 +52,7 @@ directions step after step (0.81-0.86 of the subspace, against 0.26-0.65 for a f
 sketch), so the same directions were starved at every step. Hence MLorc_AdamW's default
 full_weight_outside=True: the part of g outside both spaces of the previous m~ (outside_kept) enters
 m_hat at weight 1, as if it had persisted; the stored m_t stays the EMA. Held-out loss against
-AdamW at rank 4 went from +1.8%, +4.4%, +7.6% (small GPT, LLaMA, encoder) to -0.6%, -3.3%, -8.1%,
+AdamW at rank 4 went from +1.8%, +4.4%, +7.6% (small GPT, LLaMA, encoder) to -0.6%, -3.3%, -8.0%,
 at AdamW's lr or up to 3x it (before: 1-10x), and an accurate sketch now trains as well as the fresh
 one (small GPT -0.3%, LLaMA -1.6%). Outside the kept spaces this step does no averaging, so it is
 larger than dense Adam's (2.9x in norm on the tutorial's model), still within [M6]'s bound. At full
@@ -328,8 +328,11 @@ def kept_part(g, U, Vh):
     if U.shape[-1] >= min(shape[0], math.prod(shape[1:])):
         return None
     G = g.reshape(g.shape[0], math.prod(g.shape[1:]))      # this rank's block where p is split
-    UtG = reduce_matmul(U.mT, G, over=0)                    # (r, cols): U^T g
-    GV = reduce_matmul(G, Vh.mT, over=-1)                   # (rows, r): g Vh^T
+    return kept_factors(U, Vh, reduce_matmul(U.mT, G, over=0), reduce_matmul(G, Vh.mT, over=-1))
+
+
+def kept_factors(U, Vh, UtG, GV):
+    """kept_part's (L, R) from g's two products with the factors, U^T g (r, cols) and g Vh^T (rows, r)."""
     UtGV = reduce_matmul(UtG, Vh.mT, over=-1)               # (r, r)
     return torch.cat([U, GV - U @ UtGV], dim=-1), torch.cat([UtG, Vh], dim=-2)
 
@@ -1378,7 +1381,7 @@ def adamw_fused(opt, p, g, state, group, step):
     shift = torch.ops.mlorc.negative_mean(*v_old)                                       # [M2]
     scalars = (b1, b2, group["lr"], group["weight_decay"], group["eps"], 1 - b1 ** step, 1 - b2 ** step,
                adam_ratio_bound(step, b1, b2))      # the kernel clamps m / (sqrt(v) + eps'): C_t
-    kept = kept_part(G, m_old[0], m_old[2]) if group["full_weight_outside"] else None
+    kept = fused_kept_part(G, m_old) if group["full_weight_outside"] else None
     if kept is not None:                            # the kernel adds (b1 - b1^t) (g - kept) to m
         scalars += (*(f.contiguous() for f in kept), b1 - b1 ** step)
     if through_products(opt, p, group):
@@ -1387,6 +1390,18 @@ def adamw_fused(opt, p, g, state, group, step):
     m, v = torch.empty(rows, cols, device=p.device), torch.empty(rows, cols, device=p.device)
     torch.ops.mlorc.adamw_step_(P, G, *m_old, *v_old, shift, m, v, *scalars)
     return {"exp_avg": m.view(p.shape), "exp_avg_sq": v.view(p.shape)}
+
+
+def fused_kept_part(G, m_old):
+    """kept_part of the matrix G for m's old factors, its two thin products with g taken by
+    mlorc::moment_matmul (the new moment of beta 0 is g itself), which runs them at several times
+    BLAS's rate on the CPU (bench/step.py prints both)."""
+    U, _, Vh = m_old
+    if U.shape[-1] >= min(G.shape):
+        return None
+    UtG = torch.ops.mlorc.moment_matmul(*m_old, G, 0.0, False, None, U, True).mT        # (g^T U)^T
+    GV = torch.ops.mlorc.moment_matmul(*m_old, G, 0.0, False, None, Vh.mT.contiguous(), False)
+    return kept_factors(U, Vh, UtG, GV)
 
 
 def lion_fused(opt, p, g, state, group, step):

@@ -77,7 +77,8 @@ def step_peak(opt, cuda):
 
 def make_optimizers(device, rank, sketches):
     """name -> (constructor, MLORC_EXTENSION value while it steps). MLorc_AdamW runs with its default
-    sketch and with each of `sketches` ("p{oversampling}q{power_iters}", e.g. "p4q1")."""
+    sketch and with each of `sketches` ("p{oversampling}q{power_iters}", e.g. "p4q1"; a suffix "+ema"
+    turns full_weight_outside off, e.g. "p0q0+ema")."""
     fused_ok = device.startswith("cuda")
     rows = {"torch AdamW fused" if fused_ok else "torch AdamW foreach":
             (lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True) if fused_ok
@@ -85,9 +86,11 @@ def make_optimizers(device, rank, sketches):
     for ext, label in (("0", "pure"), ("1", "ext")):
         rows[f"MLorc_AdamW r={rank} {label}"] = (lambda ps: mlorc.MLorc_AdamW(ps, lr=1e-4, rank=rank), ext)
         for sketch in filter(None, sketches.split(",")):
-            over, iters = (int(x) for x in sketch[1:].split("q"))
-            make = (lambda ps, over=over, iters=iters:
-                    mlorc.MLorc_AdamW(ps, lr=1e-4, rank=rank, oversampling=over, power_iters=iters))
+            shape, _, suffix = sketch.partition("+")
+            over, iters = (int(x) for x in shape[1:].split("q"))
+            make = (lambda ps, over=over, iters=iters, outside=suffix != "ema":
+                    mlorc.MLorc_AdamW(ps, lr=1e-4, rank=rank, oversampling=over, power_iters=iters,
+                                      full_weight_outside=outside))
             rows[f"MLorc_AdamW r={rank} {sketch} {label}"] = (make, ext)
         rows[f"MLorc_Lion r={rank} {label}"] = (lambda ps: mlorc.MLorc_Lion(ps, lr=1e-5, rank=rank), ext)
     return rows
@@ -101,8 +104,9 @@ def main():
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per optimizer")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--sketches", default="p4q1", help="MLorc_AdamW also with these sketches, "
-                        "comma-separated p{oversampling}q{power_iters}")
+    parser.add_argument("--sketches", default="p0q0+ema,p4q1", help="MLorc_AdamW also with these "
+                        "sketches, comma-separated p{oversampling}q{power_iters}, +ema: without "
+                        "full_weight_outside")
     parser.add_argument("--only", default="", help="comma-separated substrings of optimizer names")
     parser.add_argument("--profile", default="", help="an optimizer's name: also print where its step's "
                         "time goes (torch.profiler, 3 steps)")
