@@ -330,12 +330,15 @@ def test_wide_sketches_write_the_second_moment_on_cpu(ext, cls, monkeypatch):
     reached through moment_matmul (each product would rebuild it): MLorc_AdamW's fused pass writes
     the new moments (adamw_step_) and [M4] multiplies them with BLAS; a sketch of exactly the
     largest width still takes the products. MLorc_Lion's first moment takes them at every width.
-    Either way the result agrees with the pure path."""
-    def run(extension, width):
+    Either way the result agrees with the pure path. (AdamW runs with full_weight_outside=False:
+    its products with g alone also go through moment_matmul, at every width.)"""
+    extra = dict(full_weight_outside=False) if cls is mlorc.MLorc_AdamW else {}
+
+    def run(extension, width, **extra):
         with extension_mode(extension):
             gen = torch.Generator().manual_seed(0)
             params = [torch.randn(s, generator=gen).requires_grad_() for s in [(300, 40), (300, 40)]]
-            opt = cls(params, lr=1e-2, rank=width - 4, oversampling=4)
+            opt = cls(params, lr=1e-2, rank=width - 4, oversampling=4, **extra)
             for _ in range(5):
                 for p in params:
                     g = torch.randn(p.shape, generator=gen)
@@ -349,10 +352,14 @@ def test_wide_sketches_write_the_second_moment_on_cpu(ext, cls, monkeypatch):
         products = width <= mlorc.CPU_PRODUCTS_MAX_WIDTH or cls is mlorc.MLorc_Lion
         ops = OpsWith(ext)
         monkeypatch.setattr(torch.ops, "mlorc", ops)
-        fused = run("1", width)
+        fused = run("1", width, **extra)
         assert ("moment_matmul" in ops.used) == products
         assert (writes in ops.used) == (not products)
-        for a, b in zip(run("0", width), fused):
+        for a, b in zip(run("0", width, **extra), fused):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    if cls is mlorc.MLorc_AdamW:                          # the default, through adamw_step_ too
+        wide = mlorc.CPU_PRODUCTS_MAX_WIDTH + 2
+        for a, b in zip(run("0", wide), run("1", wide)):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
