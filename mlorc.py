@@ -53,16 +53,15 @@ sketch), so the same directions were starved at every step. Hence MLorc_AdamW's 
 full_weight_outside=True: the part of g outside both spaces of the previous m~ (outside_kept) enters
 m_hat at weight 1, as if it had persisted; the stored m_t stays the EMA. Held-out loss against
 AdamW at rank 4 went from +1.8%, +4.4%, +7.6% (small GPT, LLaMA, encoder) to -0.6%, -3.3%, -8.0%,
-at AdamW's lr or up to 3x it (before: 1-10x), and an accurate sketch now trains as well as the fresh
-one (small GPT -0.3%, LLaMA -1.6%). Outside the kept spaces this step does no averaging, so it is
+at AdamW's lr or up to 3x it (before: 1-10x), and an accurate sketch now costs little (-0.3%, -1.6%,
+-3.3%; it cost +4.4%, +3.5%, +62.9%). Outside the kept spaces this step does no averaging, so it is
 larger than dense Adam's (2.9x in norm on the tutorial's model), still within [M6]'s bound. At full
 rank nothing is outside, nor where the gradients stay in the kept spaces: the step is dense Adam's.
 The other variants keep the EMA alone (not measured yet).
 
-Which sketch ([M4]): oversampling=0, power_iters=0. Without full_weight_outside, no power iteration
-matched or beat one at rank 4 on every task and no oversampling was best or tied; with it the
-sketches tie, and the fresh sketch halves [M4]'s work. At rank 16, oversampling helped on one task
-of three (README: "Choosing rank, sketch and learning rate").
+Which sketch ([M4]): oversampling=0, power_iters=0. With the EMA alone, no power iteration matched
+or beat one at rank 4 on every task and no oversampling was best or tied; with full_weight_outside
+an accurate sketch comes close (behind on the encoder), and the fresh one does half of [M4]'s work.
 
 Memory: a dense moment of an (m, n) matrix costs m n floats; rank-r factors U (m, r), s (r), Vh (r, n)
 cost r (m + n + 1). For 4096 x 4096 at r = 4, AdamW keeps 2 * 16.8M = 33.6M floats, MLorc_AdamW keeps
