@@ -34,7 +34,8 @@ step, "+pair" and "+clamp", are in this file at 84ffe9b; the clamp became [M6]'s
 
 Learning rates: each configuration is swept on seed 0 over --lrs (extended by factors of 3 while the
 best lr is at an end of the sweep), then the other seeds run at the best lr. Results are appended to
---out as JSON lines, and runs already there are skipped, so an interrupted sweep resumes.
+--out as JSON lines, and runs already there are skipped, so an interrupted sweep resumes. --steps N
+fine-tunes N steps instead of the task's own (its rows name the task "llama@480", its own table).
 
     python bench/quality.py --task tinygpt --configs grid --seeds 0,1,2 --out quality.jsonl
     python bench/quality.py --table quality.jsonl          # the markdown table of a results file
@@ -555,8 +556,10 @@ def best_lr(rows, task, config, seed=0):
     return best, edge
 
 
-def sweep(task_name, configs, lrs, seeds, out):
+def sweep(task_name, configs, lrs, seeds, out, steps=None):
     task = TASKS[task_name](args.cache)
+    if steps:                                 # a longer or shorter run: its rows name the task "task@steps"
+        task.steps, task_name = steps, f"{task_name}@{steps}"
 
     def once(config, lr, seed):
         if any(math.isclose(done, lr) for done in tried(load(out), task_name, config, seed)):
@@ -626,6 +629,8 @@ if __name__ == "__main__":
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", default="quality.jsonl")
     ap.add_argument("--cache", default=os.path.join(HERE, ".cache"), help="pretrained models")
+    ap.add_argument("--steps", type=int, default=0, help="fine-tuning steps instead of the task's own "
+                    "(the rows then name the task 'task@steps')")
     ap.add_argument("--table", nargs="*", help="print the table of these results files and exit")
     args = ap.parse_args()
     if args.table:
@@ -634,4 +639,4 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     os.makedirs(args.cache, exist_ok=True)
     sweep(args.task, expand(args.configs), [float(x) for x in args.lrs.split(",")],
-          [int(s) for s in args.seeds.split(",")], args.out)
+          [int(s) for s in args.seeds.split(",")], args.out, args.steps)
