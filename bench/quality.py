@@ -42,6 +42,7 @@ fine-tunes N steps instead of the task's own (its rows name the task "llama@480"
 """
 import argparse
 import ast
+import contextlib
 import glob
 import json
 import math
@@ -101,6 +102,17 @@ class FactoredSecondMoment(mlorc.MLorc_AdamW):
         return d, group["lr"], {"exp_avg": m, **new}
 
 
+@contextlib.contextmanager
+def replaced(name, function):
+    """mlorc.<name> is `function` inside the block (the plain step looks it up at every call)."""
+    original = getattr(mlorc, name)
+    setattr(mlorc, name, function)
+    try:
+        yield
+    finally:
+        setattr(mlorc, name, original)
+
+
 class WarmStartSketch(mlorc.MLorc_AdamW):
     """MLorc_AdamW whose [M4] sketch starts from the previous step's right factors (as PowerSGD does):
     Omega = [Vh_prev^T, `oversampling` fresh Gaussian columns] instead of r + p fresh ones. Pure
@@ -121,11 +133,8 @@ class WarmStartSketch(mlorc.MLorc_AdamW):
                 fresh[0, :, :Vh.shape[0]] = Vh.mT
             return fresh
 
-        mlorc.gaussian_sketch = warm
-        try:
+        with replaced("gaussian_sketch", warm):
             super()._step_param(p, index, group)
-        finally:
-            mlorc.gaussian_sketch = original
 
 
 class OneMomentDense(mlorc.MLorc_AdamW):
@@ -175,11 +184,8 @@ class AccurateSketchOf(mlorc.MLorc_AdamW):
                 oversampling, power_iters = 4, 1
             return original(A, rank, oversampling, power_iters, generator)
 
-        mlorc.rsvd = sketch
-        try:
+        with replaced("rsvd", sketch):
             super()._step_param(p, index, group)
-        finally:
-            mlorc.rsvd = original
 
 
 class AccurateSketchOfV(AccurateSketchOf):
@@ -205,11 +211,8 @@ class NormKeepingSketch(mlorc.MLorc_AdamW):
                 s = s * (A.norm() / s.norm())
             return U, s, Vh
 
-        mlorc.rsvd = sketch
-        try:
+        with replaced("rsvd", sketch):
             super()._step_param(p, index, group)
-        finally:
-            mlorc.rsvd = original
 
 
 class ResidualGradient(mlorc.MLorc_AdamW):
