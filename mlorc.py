@@ -40,8 +40,8 @@ parent does, so its m is bounded already; Lion-type steps are signs.
 
 Where m~ holds no history ([M3], [M6]). In m_t = b1 m~ + (1 - b1) g, dense Adam's m~ holds the
 history of every direction, so a gradient that persists counts ~1 in m_hat. A rank-r m~ holds history
-only in the column and row spaces of its factors; the rest of g (at rank 4, 0.5-0.6 of its energy
-along the runs of bench/momentum.py) counts 1 - b1 = 0.1 at every step. So with the EMA alone the
+only in the column and row spaces of its factors; the rest of g (at rank 4, 0.2-0.3 of its energy
+on the LLaMA task, 0.5-0.6 on the small GPT: bench/momentum.py) counts 1 - b1 = 0.1 at every step. So with the EMA alone the
 step leans towards the kept directions by up to 1 / (1 - b1), and that lean was what compressing m
 cost (bench/quality.py, three tasks, three seeds; BENCHMARKS.md, "Where m~ holds no history"): with
 m dense and v compressed the loss matched AdamW's; tests that could have refuted it did not: a

@@ -242,6 +242,25 @@ class ResidualGradient(mlorc.MLorc_AdamW):
         return d, group["lr"], {"exp_avg": m, "exp_avg_sq": v}
 
 
+class LionOutside(mlorc.MLorc_Lion):
+    """Candidate: MLorc_Lion's sign(b1 m~ + (1 - b1) g) with the part of g outside both spaces of m~
+    (mlorc.outside_kept) at weight 1 instead of 1 - b1, as MLorc_AdamW's full_weight_outside; the
+    stored momentum is Lion's. Pure PyTorch, through the plain step."""
+
+    def __init__(self, params, **options):
+        super().__init__(params, **{**options, "batch_bytes": 0})
+
+    def _direction(self, p, g, prev, state, group, step):
+        b1, b2 = group["betas"]
+        g = mlorc.clip_by_norm(g, group["clip_threshold"])
+        mix = prev["exp_avg"] * b1 + g * (1 - b1)
+        outside = mlorc.outside_kept(g, state["exp_avg_U"], state["exp_avg_Vh"]) \
+            if "exp_avg_U" in state else None
+        if outside is not None:
+            mix = mix + b1 * outside
+        return mix.sign(), group["lr"], {"exp_avg": prev["exp_avg"] * b2 + g * (1 - b2)}
+
+
 OPTIONS = {        # "+name" suffixes of a configuration -> (class, extra keyword arguments)
     "factoredv": (FactoredSecondMoment, {}),
     "warm": (WarmStartSketch, {}),
@@ -253,6 +272,8 @@ OPTIONS = {        # "+name" suffixes of a configuration -> (class, extra keywor
     "resid": (ResidualGradient, {}),
     "outside": (mlorc.MLorc_AdamW, {"full_weight_outside": True}),       # the default now
     "ema": (mlorc.MLorc_AdamW, {"full_weight_outside": False}),          # the rule before it
+    "lion": (mlorc.MLorc_Lion, {}),
+    "lionoutside": (LionOutside, {}),
 }
 
 
@@ -484,6 +505,8 @@ def parse_config(name):
         extra.update(kwargs)
     if base == "adamw":
         return None, cls, extra
+    if base == "dense":                                  # the class with dense moments (rank None)
+        return (None, 0, 0), cls, extra
     rank, rest = base[1:].split("p")
     over, iters = rest.split("q")
     return (int(rank), int(over), int(iters)), cls, extra
