@@ -397,9 +397,11 @@ def clamp_ratio(d, bound, use_atan2):
     return d.clamp(-limit, limit)
 
 
-def lion_direction(m_prev, g, beta1):
-    """[M6] Lion: the sign of an interpolation of the previous momentum and the gradient."""
-    return (m_prev * beta1 + g * (1 - beta1)).sign()
+def lion_direction(m_prev, g, beta1, outside=None):
+    """[M6] Lion: the sign of an interpolation of the previous momentum and the gradient.
+    `outside` (outside_kept's part of g, or None) enters at weight 1 instead of 1 - beta1."""
+    mix = m_prev * beta1 + g * (1 - beta1)
+    return (mix if outside is None else mix + outside * beta1).sign()
 
 
 def adopt_normalize(g, v_prev, eps, clip, use_atan2):
@@ -766,20 +768,26 @@ class MLorc_Lion(_MLorcOptimizer):
         default 0). clip_threshold (float > 0 or None, default None): clip each gradient to this
         L2 norm first. use_cautious: cautious Lion. use_atan2 and use_grams are rejected (no
         denominator; the step is already a sign).
+        full_weight_outside (bool, default True): as MLorc_AdamW's, the part of g outside the
+            column and row spaces of the previous m~ enters b1 m~ + (1 - b1) g at weight 1.
     State: step, exp_avg_{U,s,Vh} for matrices (exp_avg if dense).
     """ + COMMON_DOC
     sign_based = True
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, clip_threshold=None,
-                 **options):
+                 full_weight_outside=True, **options):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay,
-                                      clip_threshold=clip_threshold), **options)
+                                      clip_threshold=clip_threshold,
+                                      full_weight_outside=full_weight_outside), **options)
 
     def _direction(self, p, g, prev, state, group, step):
         """Lion: sign of b1 m~ + (1 - b1) g; the momentum then moves with b2."""
         b1, b2 = group["betas"]
         g = clip_by_norm(g, group["clip_threshold"])
-        d = lion_direction(prev["exp_avg"], g, b1)                                         # [M6]
+        outside = None
+        if group["full_weight_outside"] and "exp_avg_U" in state:
+            outside = outside_kept(g, state["exp_avg_U"], state["exp_avg_Vh"])
+        d = lion_direction(prev["exp_avg"], g, b1, outside)                                # [M6]
         return d, group["lr"], {"exp_avg": prev["exp_avg"] * b2 + g * (1 - b2)}             # [M3]
 
 
@@ -1410,6 +1418,9 @@ def lion_fused(opt, p, g, state, group, step):
     g = clip_by_norm(g, group["clip_threshold"])
     P, G, (m_old,) = p.view(rows, cols), g.view(rows, cols), old_factors(opt, state)
     scalars = (b1, b2, group["lr"], group["weight_decay"])
+    kept = fused_kept_part(G, m_old) if group["full_weight_outside"] else None
+    if kept is not None:                            # the kernel adds b1 (g - kept) to the mix
+        scalars += (*(f.contiguous() for f in kept), b1)
     if through_products(opt, p, group):
         torch.ops.mlorc.lion_update_(P, G, *m_old, *scalars)
         return {opt.moments: [NewMoment(G, m_old, b2)]}

@@ -26,7 +26,9 @@ made accurate, p4q1; the other's as configured), or "+keepnorm" (m's factors res
 norm), or "+resid" (g outside the column space of m~, or the row space for tall matrices, weighted 1,
 not 1 - b1, in the direction: the one-sided form of full_weight_outside). MLorc_AdamW's own option:
 "+outside" (full_weight_outside=True, the default since it was measured here) and "+ema" (False,
-the direction from the EMA m_t alone, as before). The other classes are pure PyTorch: run them
+the direction from the EMA m_t alone, as before). "+lion" runs MLorc_Lion instead, "+lionoutside"
+its candidate with the same full weight outside m~'s spaces; the base "dense" gives the class dense
+moments (rank None: "dense+lion" is Lion). The other classes are pure PyTorch: run them
 with MLORC_EXTENSION=0. Four suffixes change the param groups instead (parse_config): "+vecK",
 "+wdK", "+smalldense", "+denseemb"; "+betaX" sets betas = (X, 0.999), for AdamW too (e.g.
 adamw+beta0.5). The two candidate rules of the bounded

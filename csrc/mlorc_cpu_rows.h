@@ -80,21 +80,25 @@ void adamw_rows(const AdamWArgs args, const Factors& m_old, const Factors& v_old
   }
 }
 
-// rows [begin, end); m_row holds one rebuilt row, w its weights; m_out may be null
-void lion_rows(const LionArgs args, const Factors& m_old, int64_t begin, int64_t end, int64_t cols,
-               float* p, const float* g, float* m_out, float* m_row, float* w) {
+// rows [begin, end); m_row and k_row hold one rebuilt row each (k_row: g's kept part, when kept
+// has terms), w the weights of both; m_out may be null
+void lion_rows(const LionArgs args, const Factors& m_old, const Factors& kept, int64_t begin,
+               int64_t end, int64_t cols, float* p, const float* g, float* m_out, float* m_row,
+               float* k_row, float* w) {
+  if (kept.r == 0) std::memset(k_row, 0, kept.stride * sizeof(float));
   for (int64_t i = begin; i < end; ++i) {
     rebuild_row(m_old, i, w, m_row);
+    if (kept.r > 0) rebuild_row(kept, i, w + m_old.r, k_row);
     float* __restrict pi = p + i * cols;      // restrict: as in adamw_rows
     const float* __restrict gi = g + i * cols;
     if (m_out == nullptr) {
       for (int64_t j = 0; j < cols; ++j) {
         float m;
-        lion_update(args, pi[j], gi[j], m_row[j], m);
+        lion_update(args, pi[j], gi[j], m_row[j], k_row[j], m);
       }
     } else {
       float* __restrict mi = m_out + i * cols;
-      for (int64_t j = 0; j < cols; ++j) lion_update(args, pi[j], gi[j], m_row[j], mi[j]);
+      for (int64_t j = 0; j < cols; ++j) lion_update(args, pi[j], gi[j], m_row[j], k_row[j], mi[j]);
     }
   }
 }

@@ -59,10 +59,11 @@ __global__ void adamw_kernel(AdamWArgs a, const float* shift, int64_t rows, int6
 }
 
 __global__ void lion_kernel(LionArgs a, int64_t rows, int64_t cols, float* p, const float* g,
-                            const float* U, const float* s, const float* Vh, float* m_out) {
+                            const float* U, const float* s, const float* Vh, const float* kU,
+                            const float* ks, const float* kVh, float* m_out) {
   const int64_t e = blockIdx.x * int64_t(kThreads) + threadIdx.x;
   if (e >= rows * cols) return;
-  lion_entry(a, e / cols, e % cols, cols, p, g, U, s, Vh, m_out);
+  lion_entry(a, e / cols, e % cols, cols, p, g, U, s, Vh, kU, ks, kVh, m_out);
 }
 
 // Rows [begin, begin + count / cols) of the new moment (moment_entry of the rebuilt old entry and g)
@@ -119,14 +120,16 @@ void adamw_cuda(at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU,
 // m_out: where the new momentum goes, or null (the update only)
 void lion_cuda(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U, const at::Tensor& s,
                const at::Tensor& Vh, float* m_out, double beta1, double beta2, double lr,
-               double weight_decay) {
+               double weight_decay, const c10::optional<at::Tensor>& kept_U, const c10::optional<at::Tensor>& kept_Vh, double outside) {
   const int64_t rows = param.size(0), cols = param.size(1);
-  check_lion_args(param, grad, U, s, Vh);
+  check_lion_args(param, grad, U, s, Vh, kept_U, kept_Vh);
   if (rows * cols == 0) return;
   const c10::cuda::CUDAGuard guard(param.device());
+  const auto [kU, ks, kVh] = kept_factors(param, kept_U, kept_Vh);
   lion_kernel<<<blocks_for(rows * cols), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      make_lion_args(beta1, beta2, lr, weight_decay, s.size(0)), rows, cols, param.data_ptr<float>(),
-      grad.data_ptr<float>(), U.data_ptr<float>(), s.data_ptr<float>(), Vh.data_ptr<float>(), m_out);
+      make_lion_args(beta1, beta2, lr, weight_decay, outside, s.size(0), ks.size(0)), rows, cols,
+      param.data_ptr<float>(), grad.data_ptr<float>(), U.data_ptr<float>(), s.data_ptr<float>(),
+      Vh.data_ptr<float>(), kU.data_ptr<float>(), ks.data_ptr<float>(), kVh.data_ptr<float>(), m_out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -23,8 +23,10 @@ struct AdamWArgs {
 };
 
 struct LionArgs {
-  float beta1, beta2, lr, decay;
-  int64_t rank;
+  // with full_weight_outside the mix is b1 m~ + (1 - b1) g + outside (g - kept), outside = b1 (as
+  // in AdamWArgs; 0 and rank_k 0 without)
+  float beta1, beta2, lr, decay, outside;
+  int64_t rank, rank_k;
 };
 
 inline AdamWArgs make_adamw_args(double beta1, double beta2, double lr, double weight_decay,
@@ -35,8 +37,10 @@ inline AdamWArgs make_adamw_args(double beta1, double beta2, double lr, double w
                    float(outside), rank_m, rank_v, rank_k};
 }
 
-inline LionArgs make_lion_args(double beta1, double beta2, double lr, double weight_decay, int64_t rank) {
-  return LionArgs{float(beta1), float(beta2), float(lr), float(1.0 - lr * weight_decay), rank};
+inline LionArgs make_lion_args(double beta1, double beta2, double lr, double weight_decay, double outside,
+                               int64_t rank, int64_t rank_k) {
+  return LionArgs{float(beta1), float(beta2), float(lr), float(1.0 - lr * weight_decay), float(outside),
+                  rank, rank_k};
 }
 
 // [M1] one entry of (U * s) @ Vh
@@ -78,9 +82,10 @@ MLORC_HD void adamw_entry(const AdamWArgs& a, int64_t i, int64_t j, int64_t cols
   }
 }
 
-// [M6] sign step, [M3] momentum, [M7] apply at one entry, from its rebuilt m~.
-MLORC_HD void lion_update(const LionArgs& a, float& p, float g, float m_prev, float& m) {
-  const float c = m_prev * a.beta1 + g * (1.f - a.beta1);
+// [M6] sign step, [M3] momentum, [M7] apply at one entry, from its rebuilt m~ (and g's kept part).
+MLORC_HD void lion_update(const LionArgs& a, float& p, float g, float m_prev, float kept, float& m) {
+  const float mix = m_prev * a.beta1 + g * (1.f - a.beta1);
+  const float c = a.rank_k > 0 ? mix + a.outside * (g - kept) : mix;
   const float d = float(c > 0.f) - float(c < 0.f);     // sign(c), branch-free: the signs are random
   p = p * a.decay - a.lr * d;
   m = m_prev * a.beta2 + g * (1.f - a.beta2);
@@ -90,10 +95,11 @@ MLORC_HD void lion_update(const LionArgs& a, float& p, float g, float m_prev, fl
 // unless m_out is null.
 MLORC_HD void lion_entry(const LionArgs& a, int64_t i, int64_t j, int64_t cols, float* p,
                          const float* g, const float* U, const float* s, const float* Vh,
-                         float* m_out) {
+                         const float* kU, const float* ks, const float* kVh, float* m_out) {
   const int64_t e = i * cols + j;
+  const float kept = a.rank_k > 0 ? lowrank_entry(kU, ks, kVh, a.rank_k, i, j, cols) : 0.f;
   float m;
-  lion_update(a, p[e], g[e], lowrank_entry(U, s, Vh, a.rank, i, j, cols), m);
+  lion_update(a, p[e], g[e], lowrank_entry(U, s, Vh, a.rank, i, j, cols), kept, m);
   if (m_out != nullptr) m_out[e] = m;
 }
 

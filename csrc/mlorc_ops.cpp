@@ -268,6 +268,15 @@ at::Tensor negative_mean_cpu(const at::Tensor& U, const at::Tensor& s, const at:
 // adamw_step_ also writes the new dense moments (for [M4]); adamw_update_ does not (mlorc.py then
 // compresses them through moment_matmul). Python twin: MLorc_AdamW._direction, then apply_update_.
 
+void check_kept(const c10::optional<at::Tensor>& kept_U, const c10::optional<at::Tensor>& kept_Vh,
+                int64_t rows, int64_t cols) {
+  TORCH_CHECK(kept_U.has_value() == kept_Vh.has_value(), "mlorc: give both kept_U and kept_Vh, or neither");
+  if (kept_U.has_value()) {
+    const at::Tensor ones = at::ones({kept_U->size(-1)}, kept_U->options());
+    check_factors(*kept_U, ones, *kept_Vh, rows, cols, "kept");
+  }
+}
+
 void check_adamw_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU,
                       const at::Tensor& ms, const at::Tensor& mVh, const at::Tensor& vU,
                       const at::Tensor& vs, const at::Tensor& vVh, const at::Tensor& shift,
@@ -278,11 +287,7 @@ void check_adamw_args(const at::Tensor& param, const at::Tensor& grad, const at:
   check_factors(mU, ms, mVh, rows, cols, "exp_avg");
   check_factors(vU, vs, vVh, rows, cols, "exp_avg_sq");
   TORCH_CHECK(shift.numel() == 1 && shift.scalar_type() == at::kFloat, "mlorc: shift must be one float32");
-  TORCH_CHECK(kept_U.has_value() == kept_Vh.has_value(), "mlorc: give both kept_U and kept_Vh, or neither");
-  if (kept_U.has_value()) {
-    const at::Tensor ones = at::ones({kept_U->size(-1)}, kept_U->options());
-    check_factors(*kept_U, ones, *kept_Vh, rows, cols, "kept");
-  }
+  check_kept(kept_U, kept_Vh, rows, cols);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kept_factors(const at::Tensor& param,
@@ -324,26 +329,31 @@ void adamw_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU, 
 // with or without writing the new dense momentum. Python twin: MLorc_Lion._direction, apply_update_.
 
 void check_lion_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& U,
-                     const at::Tensor& s, const at::Tensor& Vh) {
+                     const at::Tensor& s, const at::Tensor& Vh, const c10::optional<at::Tensor>& kept_U,
+                     const c10::optional<at::Tensor>& kept_Vh) {
   const int64_t rows = param.size(0), cols = param.size(1);
   check_dense(param, rows, cols, "param");
   check_dense(grad, rows, cols, "grad");
   check_factors(U, s, Vh, rows, cols, "exp_avg");
+  check_kept(kept_U, kept_Vh, rows, cols);
 }
 
 void lion_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U, const at::Tensor& s,
               const at::Tensor& Vh, float* m_out, double beta1, double beta2, double lr,
-              double weight_decay) {
-  check_lion_args(param, grad, U, s, Vh);
+              double weight_decay, const c10::optional<at::Tensor>& kept_U, const c10::optional<at::Tensor>& kept_Vh, double outside) {
+  check_lion_args(param, grad, U, s, Vh, kept_U, kept_Vh);
   const int64_t rows = param.size(0), cols = param.size(1);
-  const LionArgs args = make_lion_args(beta1, beta2, lr, weight_decay, s.size(0));
-  const at::Tensor vh = padded(Vh);
-  const Factors m_old(U, s, vh);
+  const auto [kU, ks, kVh] = kept_factors(param, kept_U, kept_Vh);
+  const LionArgs args = make_lion_args(beta1, beta2, lr, weight_decay, outside, s.size(0), ks.size(0));
+  const at::Tensor vh = padded(Vh), kvh = padded(kVh);
+  const Factors m_old(U, s, vh), kept(kU, ks, kvh);
   float* p = param.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
+  const int64_t stride = vh.size(1);
   const auto lion = MLORC_ROWS(lion_rows);
-  for_row_blocks(rows, cols, vh.size(1) + m_old.r, [&](int64_t, int64_t begin, int64_t end, float* row) {
-    lion(args, m_old, begin, end, cols, p, g, m_out, row, row + vh.size(1));
+  for_row_blocks(rows, cols, 2 * stride + m_old.r + kept.r,
+                 [&](int64_t, int64_t begin, int64_t end, float* row) {
+    lion(args, m_old, kept, begin, end, cols, p, g, m_out, row, row + stride, row + 2 * stride);
   });
 }
 
@@ -447,7 +457,8 @@ TORCH_LIBRARY(mlorc, m) {
       "Tensor? kept_U=None, Tensor? kept_Vh=None, float outside=0.0) -> ()");
   m.def(
       "lion_step_(Tensor(a!) param, Tensor grad, Tensor U, Tensor s, Tensor Vh, "
-      "Tensor(b!) m_out, float beta1, float beta2, float lr, float weight_decay) -> ()");
+      "Tensor(b!) m_out, float beta1, float beta2, float lr, float weight_decay, "
+      "Tensor? kept_U=None, Tensor? kept_Vh=None, float outside=0.0) -> ()");
   m.def(
       "adamw_update_(Tensor(a!) param, Tensor grad, Tensor mU, Tensor ms, Tensor mVh, Tensor vU, "
       "Tensor vs, Tensor vVh, Tensor shift, float beta1, float beta2, float lr, float weight_decay, "
@@ -455,7 +466,8 @@ TORCH_LIBRARY(mlorc, m) {
       "float outside=0.0) -> ()");
   m.def(
       "lion_update_(Tensor(a!) param, Tensor grad, Tensor U, Tensor s, Tensor Vh, float beta1, "
-      "float beta2, float lr, float weight_decay) -> ()");
+      "float beta2, float lr, float weight_decay, Tensor? kept_U=None, Tensor? kept_Vh=None, "
+      "float outside=0.0) -> ()");
   m.def(
       "moment_matmul(Tensor U, Tensor s, Tensor Vh, Tensor grad, float beta, bool squared, "
       "Tensor? shift, Tensor X, bool transposed) -> Tensor");
@@ -474,7 +486,7 @@ void adamw_step_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at
                      const c10::optional<at::Tensor>&, double) {}
 
 void lion_step_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                    const at::Tensor&, at::Tensor&, double, double, double, double) {}
+                    const at::Tensor&, at::Tensor&, double, double, double, double, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, double) {}
 
 void adamw_update_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -483,7 +495,7 @@ void adamw_update_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const 
                        double) {}
 
 void lion_update_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                      const at::Tensor&, double, double, double, double) {}
+                      const at::Tensor&, double, double, double, double, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, double) {}
 
 at::Tensor moment_matmul_meta(const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh,
                               const at::Tensor& grad, double, bool,

@@ -18,7 +18,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kept_factors(const at::Tensor& pa
                                                             const c10::optional<at::Tensor>& kept_U,
                                                             const c10::optional<at::Tensor>& kept_Vh);
 void check_lion_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& U,
-                     const at::Tensor& s, const at::Tensor& Vh);
+                     const at::Tensor& s, const at::Tensor& Vh, const c10::optional<at::Tensor>& kept_U,
+                     const c10::optional<at::Tensor>& kept_Vh);
 void check_moment_matmul_args(const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh,
                               const at::Tensor& grad, const c10::optional<at::Tensor>& shift,
                               const at::Tensor& X, bool transposed);
@@ -58,25 +59,27 @@ void adamw_update(at::Tensor& param, const at::Tensor& grad, const at::Tensor& m
 }
 
 // A backend's fused MLorc_Lion pass over one matrix: moves param, and writes the new momentum to
-// m_out unless it is null.
+// m_out unless it is null. kept_U, kept_Vh, outside: as AdamWPass's (outside = b1).
 using LionPass = void (*)(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U,
                           const at::Tensor& s, const at::Tensor& Vh, float* m_out, double beta1,
-                          double beta2, double lr, double weight_decay);
+                          double beta2, double lr, double weight_decay, const c10::optional<at::Tensor>& kept_U, const c10::optional<at::Tensor>& kept_Vh, double outside);
 
 // mlorc::lion_step_ on a backend: the pass, writing the new momentum
 template <LionPass pass>
 void lion_step(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U, const at::Tensor& s,
                const at::Tensor& Vh, at::Tensor& m_out, double beta1, double beta2, double lr,
-               double weight_decay) {
+               double weight_decay, const c10::optional<at::Tensor>& kept_U, const c10::optional<at::Tensor>& kept_Vh, double outside) {
   check_dense(m_out, param.size(0), param.size(1), "m_out");
-  pass(param, grad, U, s, Vh, m_out.data_ptr<float>(), beta1, beta2, lr, weight_decay);
+  pass(param, grad, U, s, Vh, m_out.data_ptr<float>(), beta1, beta2, lr, weight_decay, kept_U, kept_Vh,
+       outside);
 }
 
 // mlorc::lion_update_ on a backend: the pass, moving the parameter only
 template <LionPass pass>
 void lion_update(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U, const at::Tensor& s,
-                 const at::Tensor& Vh, double beta1, double beta2, double lr, double weight_decay) {
-  pass(param, grad, U, s, Vh, nullptr, beta1, beta2, lr, weight_decay);
+                 const at::Tensor& Vh, double beta1, double beta2, double lr, double weight_decay,
+                 const c10::optional<at::Tensor>& kept_U, const c10::optional<at::Tensor>& kept_Vh, double outside) {
+  pass(param, grad, U, s, Vh, nullptr, beta1, beta2, lr, weight_decay, kept_U, kept_Vh, outside);
 }
 
 }  // namespace mlorc

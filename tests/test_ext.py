@@ -92,14 +92,19 @@ def _test_adamw_step(ops, device):
 
 
 def _test_lion_step(ops, device):
+    """Without and with full_weight_outside (as in _test_adamw_step)."""
     b1, b2, lr, wd = 0.9, 0.99, 1e-2, 0.1
-    for case in sample_inputs(device):
+    for case, outside in itertools.product(sample_inputs(device), [False, True]):
         p, g = case["p"].clone(), case["g"]
         m_out = torch.empty_like(p)
-        ops.lion_step_(p, g, *case["m"], m_out, b1, b2, lr, wd)
+        U_m, Vh_m = torch.linalg.qr(case["m"][0]).Q, torch.linalg.qr(case["m"][2].mT).Q.mT
+        kept = mlorc.kept_part(g, U_m, Vh_m) if outside else None
+        extra = () if kept is None else (*kept, b1)
+        ops.lion_step_(p, g, *case["m"], m_out, b1, b2, lr, wd, *extra)
         m_prev = mlorc.reconstruct(*case["m"])
         expected = case["p"].clone()
-        mlorc.apply_update_(expected, mlorc.lion_direction(m_prev, g, b1), lr, wd)
+        g_out = mlorc.outside_kept(g, U_m, Vh_m) if outside else None
+        mlorc.apply_update_(expected, mlorc.lion_direction(m_prev, g, b1, g_out), lr, wd)
         torch.testing.assert_close(m_out, m_prev * b2 + g * (1 - b2), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(p, expected, rtol=1e-5, atol=1e-6)
 
@@ -228,6 +233,7 @@ def _test_opcheck(ops, device):
     torch.library.opcheck(ops.adamw_update_, (p, g, *case["m"], *case["v"], shift, 0.9, 0.99, 1e-2, 0.1,
                                               1e-8, 0.1, 0.01, 1.0, *kept, 0.8))
     torch.library.opcheck(ops.lion_update_, (p, g, *case["m"], 0.9, 0.99, 1e-2, 0.1))
+    torch.library.opcheck(ops.lion_update_, (p, g, *case["m"], 0.9, 0.99, 1e-2, 0.1, *kept, 0.9))
     for transposed, size in [(False, p.shape[1]), (True, p.shape[0])]:
         X = torch.randn(size, 3, device=device)
         torch.library.opcheck(ops.moment_matmul, (*case["v"], g, 0.9, True, shift, X, transposed))

@@ -149,6 +149,18 @@ def test_full_weight_outside_adamw(rank, on, float64):
     close(p, [[-1.0 - x / sqrt_v_hat for x in row] for row in m_hat])
 
 
+@pytest.mark.parametrize("rank", [None, 1, 2], ids=["dense", "rank1", "full_rank"])
+@pytest.mark.parametrize("on", [False, True])
+def test_full_weight_outside_lion(rank, on, float64):
+    # Lion, betas (0.5, 0.5), lr 1, the same G1 and G2 at rank 1:
+    #   step 1: d1 = sign(0.5 G1) = 1 everywhere, p1 = -1; m1 = 0.5 G1 = 1.5 everywhere
+    #   step 2: without: sign(0.5 m1 + 0.5 G2) = sign(0.75 + 0.5 G2) = 1 everywhere: p2 = -2
+    #           with: G2 (outside) at weight 1: sign(0.75 + G2) = [[1, -1], [-1, 1]]: p2 = [[-2, 0], [0, -2]]
+    p, _ = run(mlorc.MLorc_Lion, ZERO, [G1_RANK1, G2_OUTSIDE], rank=rank, lr=1.0, betas=(0.5, 0.5),
+               full_weight_outside=on)
+    close(p, [[-2.0, 0.0], [0.0, -2.0]] if on and rank == 1 else [[-2.0, -2.0], [-2.0, -2.0]])
+
+
 @pytest.mark.parametrize("shape", [(6, 10), (10, 6), (4, 3, 2)])
 def test_outside_kept_is_the_part_outside_both_spaces(shape, float64):
     gen = torch.Generator().manual_seed(0)
@@ -454,7 +466,7 @@ def invalid_hyperparameters(cls):
         cases += [("d_coef", 0.0), ("growth_rate", 0.0), ("growth_rate", -1.0), ("d_coef", "1")]
     if cls in LION or cls is mlorc.MLorc_CAME:
         cases += [("clip_threshold", 0.0), ("clip_threshold", -1.0), ("clip_threshold", "1.0")]
-    if cls is mlorc.MLorc_AdamW:
+    if cls in (mlorc.MLorc_AdamW, mlorc.MLorc_Lion):
         cases += [("full_weight_outside", 1), ("full_weight_outside", "yes"), ("full_weight_outside", None)]
     return cases
 

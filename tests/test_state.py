@@ -143,8 +143,8 @@ def test_state_dict_call_does_not_change_the_run(name):
 def test_state_dict_without_newer_options_loads_and_steps(name):
     # a run of a version before these options existed: no OrthoGrad, and one power iteration (the
     # first release's sketch, which today's default no longer is)
-    # and, for AdamW, the direction without full_weight_outside
-    before = dict(full_weight_outside=False) if name == "AdamW" else {}
+    # and, for AdamW and Lion, the direction without full_weight_outside
+    before = dict(full_weight_outside=False) if name in ("AdamW", "Lion") else {}
     params_a = make_params()
     opt_a = make_opt(name, params_a, **LOW_RANK, power_iters=1, **before)
     run(opt_a, params_a, 5)
@@ -160,7 +160,7 @@ def test_state_dict_without_newer_options_loads_and_steps(name):
     opt_c, params_c = resume(name, params_b, old, **LOW_RANK)
     assert opt_c.param_groups[0]["use_orthograd"] is False
     assert opt_c.param_groups[0]["power_iters"] == 1
-    if name == "AdamW":
+    if before:
         assert opt_c.param_groups[0]["full_weight_outside"] is False
     run(opt_c, params_c, 3, start=2)
     # the defaults filled in are the values the saved run used, so the resumed run is the same run
