@@ -15,8 +15,8 @@ The moment cycle, run for each matrix at each step (labels are cited in the code
     [M4] recompress    (U, s, Vh) = rsvd(m_t, r), the same for v_t; only the factors are kept
     [M5] bias-correct  m_hat = m_t / (1 - b1^t),  v_hat = v_t / (1 - b2^t)         (where the parent does)
     [M6] direction     the parent optimizer's rule on the dense m_t, v_t (Adam, Lion, Prodigy, ...),
-                       clamped to what the parent could reach at step t (below); MLorc_AdamW's m_hat
-                       takes the part of g where m~ holds no history at full weight (below)
+                       clamped to what the parent could reach at step t (below); AdamW and Lion take
+                       the part of g where m~ holds no history at full weight (below)
     [M7] apply         p <- p (1 - lr wd) - lr d                                   (decoupled decay)
 
 Randomized SVD (Halko, Martinsson, Tropp 2011, arXiv 0909.4061): draw Omega (n x (r + p)) from the
@@ -39,25 +39,26 @@ of state): [M2] clamps its rebuilt m~ to min(R_i, C_j). ADOPT clips its normaliz
 parent does, so its m is bounded already; Lion-type steps are signs.
 
 Where m~ holds no history ([M3], [M6]). In m_t = b1 m~ + (1 - b1) g, dense Adam's m~ holds the
-history of every direction, so a gradient that persists counts ~1 in m_hat. A rank-r m~ holds history
-only in the column and row spaces of its factors; the rest of g (at rank 4, 0.2-0.3 of its energy
-on the LLaMA task, 0.5-0.6 on the small GPT: bench/momentum.py) counts 1 - b1 = 0.1 at every step. So with the EMA alone the
-step leans towards the kept directions by up to 1 / (1 - b1), and that lean was what compressing m
-cost (bench/quality.py, three tasks, three seeds; BENCHMARKS.md, "Where m~ holds no history"): with
-m dense and v compressed the loss matched AdamW's; tests that could have refuted it did not: a
-larger b1 made the loss worse (0.95: small GPT +2.0%, LLaMA +5.7% over AdamW; 0.98: +3.5%, +9.3%,
-against +1.8%, +4.4%), rescaling m~ to m_t's norm made it worse (+10.1%, +6.8%), b1 = 0 removed the
-cost (small GPT -0.4%). It also was the sketch's effect: an accurate sketch keeps the same top
-directions step after step (0.81-0.86 of the subspace, against 0.26-0.65 for a fresh Gaussian
-sketch), so the same directions were starved at every step. Hence MLorc_AdamW's default
-full_weight_outside=True: the part of g outside both spaces of the previous m~ (outside_kept) enters
-m_hat at weight 1, as if it had persisted; the stored m_t stays the EMA. Held-out loss against
-AdamW at rank 4 went from +1.8%, +4.4%, +7.6% (small GPT, LLaMA, encoder) to -0.6%, -3.3%, -8.0%,
-at AdamW's lr or up to 3x it (before: 1-10x), and an accurate sketch now costs little (-0.3%, -1.6%,
--3.3%; it cost +4.4%, +3.5%, +62.9%). Outside the kept spaces this step does no averaging, so it is
-larger than dense Adam's (2.9x in norm on the tutorial's model), still within [M6]'s bound. At full
-rank nothing is outside, nor where the gradients stay in the kept spaces: the step is dense Adam's.
-The other variants keep the EMA alone (not measured yet).
+history of every direction, so a gradient that persists counts ~1 in m_hat. A rank-r m~ holds
+history only in the column and row spaces of its factors; the rest of g (at rank 4, 0.2-0.3 of its
+energy on the LLaMA task, 0.5-0.6 on the small GPT: bench/momentum.py) counts 1 - b1 = 0.1 at every
+step. So with the EMA alone the step leans towards the kept directions by up to 1 / (1 - b1), and
+that lean was what compressing m cost (bench/quality.py, three tasks, three seeds; BENCHMARKS.md,
+"Where m~ holds no history"). Tests that could have refuted it did not: a larger b1 made the loss
+worse (0.95: small GPT +2.0%, LLaMA +5.7% over AdamW; 0.98: +3.5%, +9.3%; against +1.8%, +4.4%),
+rescaling m~ to m_t's norm made it worse (+10.1%, +6.8%), b1 = 0 removed the cost (small GPT
+-0.4%). It was also the sketch's effect: an accurate sketch keeps the same top directions step
+after step (0.81-0.86 of the subspace, against 0.26-0.65 for a fresh Gaussian sketch), so the same
+directions were starved at every step. Hence the default full_weight_outside=True: the part of g
+outside both spaces of the previous m~ (outside_kept) enters m_hat at weight 1, as if it had
+persisted; the stored m_t stays the EMA. Held-out loss against AdamW at rank 4 went from +1.8%,
++4.4%, +7.6% (small GPT, LLaMA, encoder) to -0.6%, -3.3%, -8.0%, at AdamW's lr or up to 3x it
+(before: 1-10x), and an accurate sketch now costs little (-0.3%, -1.6%, -3.3%; it cost +4.4%,
++3.5%, +62.9%). Outside the kept spaces this step does no averaging, so it is larger than dense
+Adam's (2.3-2.9x in norm along those runs), still within [M6]'s bound. At full rank nothing is
+outside, nor where the gradients stay in the kept spaces: the step is dense Adam's. MLorc_Lion's
+sign(b1 m~ + (1 - b1) g) has the same lean and the same default (against its EMA alone: small GPT
+-0.5%, LLaMA -5.5%, encoder -6.8%). The other variants keep the EMA alone (not measured yet).
 
 Which sketch ([M4]): oversampling=0, power_iters=0. With the EMA alone, no power iteration matched
 or beat one at rank 4 on every task and no oversampling was best or tied; with full_weight_outside
