@@ -93,6 +93,8 @@ def make_optimizers(device, rank, sketches):
                                       full_weight_outside=outside))
             rows[f"MLorc_AdamW r={rank} {sketch} {label}"] = (make, ext)
         rows[f"MLorc_Lion r={rank} {label}"] = (lambda ps: mlorc.MLorc_Lion(ps, lr=1e-5, rank=rank), ext)
+        rows[f"MLorc_Lion r={rank} +ema {label}"] = (
+            lambda ps: mlorc.MLorc_Lion(ps, lr=1e-5, rank=rank, full_weight_outside=False), ext)
     return rows
 
 
