@@ -27,7 +27,8 @@ norm), or "+resid" (g outside the column space of m~, or the row space for tall 
 not 1 - b1, in the direction: the one-sided form of full_weight_outside). MLorc_AdamW's own option:
 "+outside" (full_weight_outside=True, the default since it was measured here) and "+ema" (False,
 the direction from the EMA m_t alone, as before). "+lion" runs MLorc_Lion instead, "+lionoutside"
-its candidate with the same full weight outside m~'s spaces; the base "dense" gives the class dense
+its candidate with the same full weight outside m~'s spaces ("+adopt", "+adoptoutside": the same
+for MLorc_Adopt); the base "dense" gives the class dense
 moments (rank None: "dense+lion" is Lion). The other classes are pure PyTorch: run them
 with MLORC_EXTENSION=0. Four suffixes change the param groups instead (parse_config): "+vecK",
 "+wdK", "+smalldense", "+denseemb"; "+betaX" sets betas = (X, 0.999), for AdamW too (e.g.
@@ -263,6 +264,24 @@ class LionOutside(mlorc.MLorc_Lion):
         return mix.sign(), group["lr"], {"exp_avg": prev["exp_avg"] * b2 + g * (1 - b2)}
 
 
+class AdoptOutside(mlorc.MLorc_Adopt):
+    """Candidate: MLorc_Adopt's m = b1 m~ + (1 - b1) n, n the normalized and clipped gradient, with the
+    part of n outside both spaces of m~ at weight 1 in the step (the stored m is ADOPT's). Pure
+    PyTorch, through the plain step."""
+
+    def __init__(self, params, **options):
+        super().__init__(params, **{**options, "batch_bytes": 0})
+
+    def _direction(self, p, g, prev, state, group, step):
+        d, lr, new = super()._direction(p, g, prev, state, group, step)
+        if d is None or "exp_avg_U" not in state:
+            return d, lr, new
+        b1 = group["betas"][0]
+        normed = (d - prev["exp_avg"] * b1) / (1 - b1)              # n, from m = b1 m~ + (1 - b1) n
+        outside = mlorc.outside_kept(normed, state["exp_avg_U"], state["exp_avg_Vh"])
+        return (d if outside is None else d + b1 * outside), lr, new
+
+
 OPTIONS = {        # "+name" suffixes of a configuration -> (class, extra keyword arguments)
     "factoredv": (FactoredSecondMoment, {}),
     "warm": (WarmStartSketch, {}),
@@ -276,6 +295,8 @@ OPTIONS = {        # "+name" suffixes of a configuration -> (class, extra keywor
     "ema": (mlorc.MLorc_AdamW, {"full_weight_outside": False}),          # the rule before it
     "lion": (mlorc.MLorc_Lion, {}),
     "lionoutside": (LionOutside, {}),
+    "adopt": (mlorc.MLorc_Adopt, {}),
+    "adoptoutside": (AdoptOutside, {}),
 }
 
 
