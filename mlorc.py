@@ -53,12 +53,14 @@ directions were starved at every step. Hence the default full_weight_outside=Tru
 outside both spaces of the previous m~ (outside_kept) enters m_hat at weight 1, as if it had
 persisted; the stored m_t stays the EMA. Held-out loss against AdamW at rank 4 went from +1.8%,
 +4.4%, +7.6% (small GPT, LLaMA, encoder) to -0.6%, -3.3%, -8.0%, at AdamW's lr or up to 3x it
-(before: 1-10x), and an accurate sketch now costs little (-0.3%, -1.6%, -3.3%; it cost +4.4%,
+(before: 1-10x); on a 4x longer LLaMA run to -2.2%, where the EMA alone cost +14.5% (the lean's
+cost accumulates). An accurate sketch now costs little (-0.3%, -1.6%, -3.3%; it cost +4.4%,
 +3.5%, +62.9%). Outside the kept spaces this step does no averaging, so it is larger than dense
 Adam's (2.3-2.9x in norm along those runs), still within [M6]'s bound. At full rank nothing is
 outside, nor where the gradients stay in the kept spaces: the step is dense Adam's. MLorc_Lion's
 sign(b1 m~ + (1 - b1) g) has the same lean and the same default (against its EMA alone: small GPT
--0.5%, LLaMA -5.5%, encoder -6.8%). The other variants keep the EMA alone (not measured yet).
+-0.5%, LLaMA -5.5%, encoder -6.8%). The other variants keep the EMA alone (for ADOPT the same
+transcription was mixed; Prodigy, D-Adapt Lion and CAME are not measured yet).
 
 Which sketch ([M4]): oversampling=0, power_iters=0. With the EMA alone, no power iteration matched
 or beat one at rank 4 on every task and no oversampling was best or tied; with full_weight_outside
