@@ -327,10 +327,16 @@ def kept_part(g, U, Vh):
     U diag(s) Vh, as factors (L, R) with that part = L @ R (rank 2r): U U^T g + (g Vh^T - U U^T g Vh^T) Vh.
     None where the factors span a whole side of the matrix (a full-rank moment): all of g is inside."""
     shape = whole_shape(g)
-    if U.shape[-1] >= min(shape[0], math.prod(shape[1:])):
+    if spans_a_side(U, shape[0], math.prod(shape[1:])):
         return None
     G = g.reshape(g.shape[0], math.prod(g.shape[1:]))      # this rank's block where p is split
     return kept_factors(U, Vh, reduce_matmul(U.mT, G, over=0), reduce_matmul(G, Vh.mT, over=-1))
+
+
+def spans_a_side(U, rows, cols):
+    """Whether m's factors span a whole side of the (rows, cols) matrix (a full-rank moment), so
+    that no part of g lies outside them."""
+    return U.shape[-1] >= min(rows, cols)
 
 
 def kept_factors(U, Vh, UtG, GV):
@@ -640,6 +646,13 @@ class _MLorcOptimizer(torch.optim.Optimizer):
             g = orthograd(p, g)
         return g, weight_decay
 
+    def _outside(self, g, state, group):
+        """The part of g where the previous m~ holds no history (outside_kept), for the variants with
+        full_weight_outside (AdamW, Lion) when it is on and m is factored; otherwise None."""
+        if not group["full_weight_outside"] or "exp_avg_U" not in state:
+            return None
+        return outside_kept(g, state["exp_avg_U"], state["exp_avg_Vh"])
+
     def _options(self, d, g, group):
         """The options that change a direction: Grams, then cautious."""
         if group["use_grams"]:
@@ -756,11 +769,8 @@ class MLorc_AdamW(_MLorcOptimizer):
         b1, b2 = group["betas"]
         m = prev["exp_avg"].lerp(g, 1 - b1)                                                # [M3]
         v = prev["exp_avg_sq"] * b2 + g * g * (1 - b2)
-        outside = None
-        if group["full_weight_outside"] and "exp_avg_U" in state:
-            outside = outside_kept(g, state["exp_avg_U"], state["exp_avg_Vh"])
         d = adamw_direction(m, v, step, group["betas"], group["eps"], group["use_atan2"],   # [M5][M6]
-                            bounded="exp_avg_U" in state, outside=outside)
+                            bounded="exp_avg_U" in state, outside=self._outside(g, state, group))
         return d, group["lr"], {"exp_avg": m, "exp_avg_sq": v}
 
 
@@ -787,10 +797,7 @@ class MLorc_Lion(_MLorcOptimizer):
         """Lion: sign of b1 m~ + (1 - b1) g; the momentum then moves with b2."""
         b1, b2 = group["betas"]
         g = clip_by_norm(g, group["clip_threshold"])
-        outside = None
-        if group["full_weight_outside"] and "exp_avg_U" in state:
-            outside = outside_kept(g, state["exp_avg_U"], state["exp_avg_Vh"])
-        d = lion_direction(prev["exp_avg"], g, b1, outside)                                # [M6]
+        d = lion_direction(prev["exp_avg"], g, b1, self._outside(g, state, group))         # [M6]
         return d, group["lr"], {"exp_avg": prev["exp_avg"] * b2 + g * (1 - b2)}             # [M3]
 
 
@@ -1391,9 +1398,7 @@ def adamw_fused(opt, p, g, state, group, step):
     shift = torch.ops.mlorc.negative_mean(*v_old)                                       # [M2]
     scalars = (b1, b2, group["lr"], group["weight_decay"], group["eps"], 1 - b1 ** step, 1 - b2 ** step,
                adam_ratio_bound(step, b1, b2))      # the kernel clamps m / (sqrt(v) + eps'): C_t
-    kept = fused_kept_part(G, m_old) if group["full_weight_outside"] else None
-    if kept is not None:                            # the kernel adds (b1 - b1^t) (g - kept) to m
-        scalars += (*(f.contiguous() for f in kept), b1 - b1 ** step)
+    scalars += fused_outside_args(G, m_old, group, b1 - b1 ** step)  # adds w (g - kept) to m
     if through_products(opt, p, group):
         torch.ops.mlorc.adamw_update_(P, G, *m_old, *v_old, shift, *scalars)
         return {opt.moments: [NewMoment(G, m_old, b1), NewMoment(G, v_old, b2, True, shift)]}
@@ -1402,16 +1407,18 @@ def adamw_fused(opt, p, g, state, group, step):
     return {"exp_avg": m.view(p.shape), "exp_avg_sq": v.view(p.shape)}
 
 
-def fused_kept_part(G, m_old):
-    """kept_part of the matrix G for m's old factors, its two thin products with g taken by
-    mlorc::moment_matmul (the new moment of beta 0 is g itself), which runs them at several times
-    BLAS's rate on the CPU (bench/step.py prints both)."""
+def fused_outside_args(G, m_old, group, weight):
+    """The fused ops' optional last arguments for full_weight_outside: kept_part of the matrix G for
+    m's old factors as (kept_U, kept_Vh), and the weight w of g - kept; () when it is off or nothing
+    is outside. The two thin products with g go through mlorc::moment_matmul (the new moment of beta
+    0 is g itself), which runs them at several times BLAS's rate on the CPU (bench/step.py prints
+    both)."""
     U, _, Vh = m_old
-    if U.shape[-1] >= min(G.shape):
-        return None
+    if not group["full_weight_outside"] or spans_a_side(U, *G.shape):
+        return ()
     UtG = torch.ops.mlorc.moment_matmul(*m_old, G, 0.0, False, None, U, True).mT        # (g^T U)^T
     GV = torch.ops.mlorc.moment_matmul(*m_old, G, 0.0, False, None, Vh.mT.contiguous(), False)
-    return kept_factors(U, Vh, UtG, GV)
+    return (*kept_factors(U, Vh, UtG, GV), weight)
 
 
 def lion_fused(opt, p, g, state, group, step):
@@ -1421,9 +1428,7 @@ def lion_fused(opt, p, g, state, group, step):
     g = clip_by_norm(g, group["clip_threshold"])
     P, G, (m_old,) = p.view(rows, cols), g.view(rows, cols), old_factors(opt, state)
     scalars = (b1, b2, group["lr"], group["weight_decay"])
-    kept = fused_kept_part(G, m_old) if group["full_weight_outside"] else None
-    if kept is not None:                            # the kernel adds b1 (g - kept) to the mix
-        scalars += (*(f.contiguous() for f in kept), b1)
+    scalars += fused_outside_args(G, m_old, group, b1)               # adds w (g - kept) to the mix
     if through_products(opt, p, group):
         torch.ops.mlorc.lion_update_(P, G, *m_old, *scalars)
         return {opt.moments: [NewMoment(G, m_old, b2)]}

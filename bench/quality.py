@@ -26,14 +26,14 @@ made accurate, p4q1; the other's as configured), or "+keepnorm" (m's factors res
 norm), or "+resid" (g outside the column space of m~, or the row space for tall matrices, weighted 1,
 not 1 - b1, in the direction: the one-sided form of full_weight_outside). MLorc_AdamW's own option:
 "+outside" (full_weight_outside=True, the default since it was measured here) and "+ema" (False,
-the direction from the EMA m_t alone, as before). "+lion" runs MLorc_Lion instead, "+lionoutside"
-its candidate with the same full weight outside m~'s spaces ("+adopt", "+adoptoutside": the same
-for MLorc_Adopt); the base "dense" gives the class dense
-moments (rank None: "dense+lion" is Lion). The other classes are pure PyTorch: run them
-with MLORC_EXTENSION=0. Four suffixes change the param groups instead (parse_config): "+vecK",
-"+wdK", "+smalldense", "+denseemb"; "+betaX" sets betas = (X, 0.999), for AdamW too (e.g.
-adamw+beta0.5). The two candidate rules of the bounded
-step, "+pair" and "+clamp", are in this file at 84ffe9b; the clamp became [M6]'s bound.
+the direction from the EMA m_t alone, as before). "+lion" runs MLorc_Lion with the EMA alone,
+"+lionoutside" with the same full weight outside m~'s spaces (its default since it was measured
+here); "+adopt", "+adoptoutside": the same for MLorc_Adopt (a candidate class); the base "dense"
+gives the class dense moments (rank None: "dense+lion" is Lion). The other classes are pure
+PyTorch: run them with MLORC_EXTENSION=0. Four suffixes change the param groups instead
+(parse_config): "+vecK", "+wdK", "+smalldense", "+denseemb"; "+betaX" sets betas = (X, 0.999), for
+AdamW too (e.g. adamw+beta0.5). The two candidate rules of the bounded step, "+pair" and "+clamp",
+are in this file at 84ffe9b; the clamp became [M6]'s bound.
 
 Learning rates: each configuration is swept on seed 0 over --lrs (extended by factors of 3 while the
 best lr is at an end of the sweep), then the other seeds run at the best lr. Results are appended to
@@ -245,25 +245,6 @@ class ResidualGradient(mlorc.MLorc_AdamW):
         return d, group["lr"], {"exp_avg": m, "exp_avg_sq": v}
 
 
-class LionOutside(mlorc.MLorc_Lion):
-    """Candidate: MLorc_Lion's sign(b1 m~ + (1 - b1) g) with the part of g outside both spaces of m~
-    (mlorc.outside_kept) at weight 1 instead of 1 - b1, as MLorc_AdamW's full_weight_outside; the
-    stored momentum is Lion's. Pure PyTorch, through the plain step."""
-
-    def __init__(self, params, **options):
-        super().__init__(params, **{**options, "batch_bytes": 0})
-
-    def _direction(self, p, g, prev, state, group, step):
-        b1, b2 = group["betas"]
-        g = mlorc.clip_by_norm(g, group["clip_threshold"])
-        mix = prev["exp_avg"] * b1 + g * (1 - b1)
-        outside = mlorc.outside_kept(g, state["exp_avg_U"], state["exp_avg_Vh"]) \
-            if "exp_avg_U" in state else None
-        if outside is not None:
-            mix = mix + b1 * outside
-        return mix.sign(), group["lr"], {"exp_avg": prev["exp_avg"] * b2 + g * (1 - b2)}
-
-
 class AdoptOutside(mlorc.MLorc_Adopt):
     """Candidate: MLorc_Adopt's m = b1 m~ + (1 - b1) n, n the normalized and clipped gradient, with the
     part of n outside both spaces of m~ at weight 1 in the step (the stored m is ADOPT's). Pure
@@ -293,8 +274,8 @@ OPTIONS = {        # "+name" suffixes of a configuration -> (class, extra keywor
     "resid": (ResidualGradient, {}),
     "outside": (mlorc.MLorc_AdamW, {"full_weight_outside": True}),       # the default now
     "ema": (mlorc.MLorc_AdamW, {"full_weight_outside": False}),          # the rule before it
-    "lion": (mlorc.MLorc_Lion, {}),
-    "lionoutside": (LionOutside, {}),
+    "lion": (mlorc.MLorc_Lion, {"full_weight_outside": False}),           # as measured, before it
+    "lionoutside": (mlorc.MLorc_Lion, {"full_weight_outside": True}),     # MLorc_Lion's default now
     "adopt": (mlorc.MLorc_Adopt, {}),
     "adoptoutside": (AdoptOutside, {}),
 }

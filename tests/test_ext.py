@@ -57,6 +57,11 @@ def sample_inputs(device, seed=0):
                    rand(rank, cols)), v=(rand(rows, rank), rand(rank).abs(), rand(rank, cols)))
 
 
+def orthonormal_m(case):
+    """(U, Vh) of a case's m factors made orthonormal, as rsvd's are: the spaces kept_part uses."""
+    return torch.linalg.qr(case["m"][0]).Q, torch.linalg.qr(case["m"][2].mT).Q.mT
+
+
 def _test_negative_mean(ops, device):
     for case in sample_inputs(device):
         expected = mlorc.negative_mean(mlorc.reconstruct(*case["v"]))
@@ -73,8 +78,8 @@ def _test_adamw_step(ops, device):
         p, g = case["p"].clone(), case["g"]
         shift = ops.negative_mean(*case["v"])
         m_out, v_out = torch.empty_like(p), torch.empty_like(p)
-        U_m, Vh_m = torch.linalg.qr(case["m"][0]).Q, torch.linalg.qr(case["m"][2].mT).Q.mT
-        kept = mlorc.kept_part(g, U_m, Vh_m) if outside else None     # orthonormal, as rsvd's
+        U_m, Vh_m = orthonormal_m(case)
+        kept = mlorc.kept_part(g, U_m, Vh_m) if outside else None
         extra = () if kept is None else (*kept, b1 - b1 ** step)
         ops.adamw_step_(p, g, *case["m"], *case["v"], shift, m_out, v_out, b1, b2, lr, wd, eps,
                         1 - b1 ** step, 1 - b2 ** step, mlorc.adam_ratio_bound(step, b1, b2), *extra)
@@ -97,7 +102,7 @@ def _test_lion_step(ops, device):
     for case, outside in itertools.product(sample_inputs(device), [False, True]):
         p, g = case["p"].clone(), case["g"]
         m_out = torch.empty_like(p)
-        U_m, Vh_m = torch.linalg.qr(case["m"][0]).Q, torch.linalg.qr(case["m"][2].mT).Q.mT
+        U_m, Vh_m = orthonormal_m(case)
         kept = mlorc.kept_part(g, U_m, Vh_m) if outside else None
         extra = () if kept is None else (*kept, b1)
         ops.lion_step_(p, g, *case["m"], m_out, b1, b2, lr, wd, *extra)
@@ -229,7 +234,7 @@ def _test_opcheck(ops, device):
     torch.library.opcheck(ops.lion_step_, (p, g, *case["m"], torch.empty_like(p), 0.9, 0.99, 1e-2, 0.1))
     torch.library.opcheck(ops.adamw_update_, (p, g, *case["m"], *case["v"], shift, 0.9, 0.99, 1e-2, 0.1,
                                               1e-8, 0.1, 0.01, 1.0))
-    kept = mlorc.kept_part(g, torch.linalg.qr(case["m"][0]).Q, torch.linalg.qr(case["m"][2].mT).Q.mT)
+    kept = mlorc.kept_part(g, *orthonormal_m(case))
     torch.library.opcheck(ops.adamw_update_, (p, g, *case["m"], *case["v"], shift, 0.9, 0.99, 1e-2, 0.1,
                                               1e-8, 0.1, 0.01, 1.0, *kept, 0.8))
     torch.library.opcheck(ops.lion_update_, (p, g, *case["m"], 0.9, 0.99, 1e-2, 0.1))
