@@ -120,7 +120,8 @@ void adamw_cuda(at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU,
 // m_out: where the new momentum goes, or null (the update only)
 void lion_cuda(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U, const at::Tensor& s,
                const at::Tensor& Vh, float* m_out, double beta1, double beta2, double lr,
-               double weight_decay, const c10::optional<at::Tensor>& kept_U, const c10::optional<at::Tensor>& kept_Vh, double outside) {
+               double weight_decay, const c10::optional<at::Tensor>& kept_U,
+               const c10::optional<at::Tensor>& kept_Vh, double outside) {
   const int64_t rows = param.size(0), cols = param.size(1);
   check_lion_args(param, grad, U, s, Vh, kept_U, kept_Vh);
   if (rows * cols == 0) return;

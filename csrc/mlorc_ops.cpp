@@ -340,7 +340,8 @@ void check_lion_args(const at::Tensor& param, const at::Tensor& grad, const at::
 
 void lion_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U, const at::Tensor& s,
               const at::Tensor& Vh, float* m_out, double beta1, double beta2, double lr,
-              double weight_decay, const c10::optional<at::Tensor>& kept_U, const c10::optional<at::Tensor>& kept_Vh, double outside) {
+              double weight_decay, const c10::optional<at::Tensor>& kept_U,
+              const c10::optional<at::Tensor>& kept_Vh, double outside) {
   check_lion_args(param, grad, U, s, Vh, kept_U, kept_Vh);
   const int64_t rows = param.size(0), cols = param.size(1);
   const auto [kU, ks, kVh] = kept_factors(param, kept_U, kept_Vh);
@@ -486,7 +487,8 @@ void adamw_step_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at
                      const c10::optional<at::Tensor>&, double) {}
 
 void lion_step_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                    const at::Tensor&, at::Tensor&, double, double, double, double, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, double) {}
+                    const at::Tensor&, at::Tensor&, double, double, double, double,
+                    const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, double) {}
 
 void adamw_update_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -495,7 +497,8 @@ void adamw_update_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const 
                        double) {}
 
 void lion_update_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                      const at::Tensor&, double, double, double, double, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, double) {}
+                      const at::Tensor&, double, double, double, double,
+                      const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, double) {}
 
 at::Tensor moment_matmul_meta(const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh,
                               const at::Tensor& grad, double, bool,

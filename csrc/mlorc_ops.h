@@ -32,7 +32,8 @@ using AdamWPass = void (*)(at::Tensor& param, const at::Tensor& grad, const at::
                            const at::Tensor& vs, const at::Tensor& vVh, const at::Tensor& shift,
                            float* m_out, float* v_out, double beta1, double beta2, double lr,
                            double weight_decay, double eps, double bc1, double bc2, double bound,
-                           const c10::optional<at::Tensor>& kept_U, const c10::optional<at::Tensor>& kept_Vh, double outside);
+                           const c10::optional<at::Tensor>& kept_U,
+                           const c10::optional<at::Tensor>& kept_Vh, double outside);
 
 // mlorc::adamw_step_ on a backend: the pass, writing the new moments
 template <AdamWPass pass>
@@ -40,7 +41,8 @@ void adamw_step(at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU,
                 const at::Tensor& mVh, const at::Tensor& vU, const at::Tensor& vs, const at::Tensor& vVh,
                 const at::Tensor& shift, at::Tensor& m_out, at::Tensor& v_out, double beta1,
                 double beta2, double lr, double weight_decay, double eps, double bc1, double bc2,
-                double bound, const c10::optional<at::Tensor>& kept_U, const c10::optional<at::Tensor>& kept_Vh, double outside) {
+                double bound, const c10::optional<at::Tensor>& kept_U,
+                const c10::optional<at::Tensor>& kept_Vh, double outside) {
   check_dense(m_out, param.size(0), param.size(1), "m_out");
   check_dense(v_out, param.size(0), param.size(1), "v_out");
   pass(param, grad, mU, ms, mVh, vU, vs, vVh, shift, m_out.data_ptr<float>(), v_out.data_ptr<float>(),
@@ -53,7 +55,8 @@ void adamw_update(at::Tensor& param, const at::Tensor& grad, const at::Tensor& m
                   const at::Tensor& ms, const at::Tensor& mVh, const at::Tensor& vU,
                   const at::Tensor& vs, const at::Tensor& vVh, const at::Tensor& shift, double beta1,
                   double beta2, double lr, double weight_decay, double eps, double bc1, double bc2,
-                  double bound, const c10::optional<at::Tensor>& kept_U, const c10::optional<at::Tensor>& kept_Vh, double outside) {
+                  double bound, const c10::optional<at::Tensor>& kept_U,
+                  const c10::optional<at::Tensor>& kept_Vh, double outside) {
   pass(param, grad, mU, ms, mVh, vU, vs, vVh, shift, nullptr, nullptr, beta1, beta2, lr, weight_decay,
        eps, bc1, bc2, bound, kept_U, kept_Vh, outside);
 }
@@ -62,13 +65,16 @@ void adamw_update(at::Tensor& param, const at::Tensor& grad, const at::Tensor& m
 // m_out unless it is null. kept_U, kept_Vh, outside: as AdamWPass's (outside = b1).
 using LionPass = void (*)(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U,
                           const at::Tensor& s, const at::Tensor& Vh, float* m_out, double beta1,
-                          double beta2, double lr, double weight_decay, const c10::optional<at::Tensor>& kept_U, const c10::optional<at::Tensor>& kept_Vh, double outside);
+                          double beta2, double lr, double weight_decay,
+                          const c10::optional<at::Tensor>& kept_U,
+                          const c10::optional<at::Tensor>& kept_Vh, double outside);
 
 // mlorc::lion_step_ on a backend: the pass, writing the new momentum
 template <LionPass pass>
 void lion_step(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U, const at::Tensor& s,
                const at::Tensor& Vh, at::Tensor& m_out, double beta1, double beta2, double lr,
-               double weight_decay, const c10::optional<at::Tensor>& kept_U, const c10::optional<at::Tensor>& kept_Vh, double outside) {
+               double weight_decay, const c10::optional<at::Tensor>& kept_U,
+               const c10::optional<at::Tensor>& kept_Vh, double outside) {
   check_dense(m_out, param.size(0), param.size(1), "m_out");
   pass(param, grad, U, s, Vh, m_out.data_ptr<float>(), beta1, beta2, lr, weight_decay, kept_U, kept_Vh,
        outside);
@@ -78,7 +84,8 @@ void lion_step(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U, c
 template <LionPass pass>
 void lion_update(at::Tensor& param, const at::Tensor& grad, const at::Tensor& U, const at::Tensor& s,
                  const at::Tensor& Vh, double beta1, double beta2, double lr, double weight_decay,
-                 const c10::optional<at::Tensor>& kept_U, const c10::optional<at::Tensor>& kept_Vh, double outside) {
+                 const c10::optional<at::Tensor>& kept_U,
+                 const c10::optional<at::Tensor>& kept_Vh, double outside) {
   pass(param, grad, U, s, Vh, nullptr, beta1, beta2, lr, weight_decay, kept_U, kept_Vh, outside);
 }
 
