@@ -1410,15 +1410,13 @@ def adamw_fused(opt, p, g, state, group, step):
 def fused_outside_args(G, m_old, group, weight):
     """The fused ops' optional last arguments for full_weight_outside: kept_part of the matrix G for
     m's old factors as (kept_U, kept_Vh), and the weight w of g - kept; () when it is off or nothing
-    is outside. The two thin products with g go through mlorc::moment_matmul (the new moment of beta
-    0 is g itself), which runs them at several times BLAS's rate on the CPU (bench/step.py prints
-    both)."""
+    is outside. The two thin products with g, U^T g and g Vh^T, come from mlorc::kept_products in
+    one pass over g on the CPU (BLAS runs such thin products at a fraction of its rate: bench/step.py
+    prints it)."""
     U, _, Vh = m_old
     if not group["full_weight_outside"] or spans_a_side(U, *G.shape):
         return ()
-    UtG = torch.ops.mlorc.moment_matmul(*m_old, G, 0.0, False, None, U, True).mT        # (g^T U)^T
-    GV = torch.ops.mlorc.moment_matmul(*m_old, G, 0.0, False, None, Vh.mT.contiguous(), False)
-    return (*kept_factors(U, Vh, UtG, GV), weight)
+    return (*kept_factors(U, Vh, *torch.ops.mlorc.kept_products(G, U, Vh)), weight)
 
 
 def lion_fused(opt, p, g, state, group, step):

@@ -113,14 +113,21 @@ constexpr bool kSplit = !kSquared && !kRepair;
 // columns [j, j + kVecLanes) of row i of the new moment A: [M1] from the weights w, [M2] if repair,
 // [M3]; the same expressions as lowrank_entry and moment_entry, so the entries equal what an update
 // pass sees. Of a split first moment, only g's part: the chunk of g
+// columns [j, j + kVecLanes) of a row of g (cols floats): the row's last chunk is loaded partly, and
+// chunks wholly in the padding past cols are zeros
+__attribute__((always_inline)) inline Vec g_chunk(const float* gi, int64_t cols, int64_t j) {
+  Vec g = {};
+  if (j + kVecLanes <= cols)
+    g = load_vec(gi + j);
+  else if (j < cols)
+    std::memcpy(&g, gi + j, (cols - j) * sizeof(float));
+  return g;
+}
+
 template <bool kSquared, bool kRepair>
 __attribute__((always_inline)) inline Vec moment_chunk(const NewMoment& A, const float* w, const float* gi,
                                                             int64_t j) {
-  Vec g = {};
-  if (j + kVecLanes <= A.cols)
-    g = load_vec(gi + j);
-  else if (j < A.cols)          // the row's last, partial chunk; chunks wholly in the padding have g = 0
-    std::memcpy(&g, gi + j, (A.cols - j) * sizeof(float));
+  const Vec g = g_chunk(gi, A.cols, j);
   if (kSplit<kSquared, kRepair>) return g;     // the loops add the factors' part
   Vec old = lowrank_chunk(A.old, w, j);
   const Vec zero = {};
@@ -353,4 +360,63 @@ void row_dots(const float* a, int64_t na, const float* b, int64_t nb, int64_t st
       for (int l = 0; l < kVecLanes; ++l) total += sum[l];
       out[k * nb + q] = total;
     }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// kept_products' loop
+
+// rows [begin, end) of g (rows of cols floats): g Vh^T into gv (rows, r) and the rows' share of U^T g
+// added into utg (round_up8(r), stride), in one pass over g, two rows at a time. For each block of
+// kBlock of the r terms, each chunk of the two rows is multiplied into 2 x kBlock running sums (the
+// dot products with Vh's rows; lanes added at the end, lane_totals) and added, times U's entries,
+// into utg's rows. vh is Vh with zero rows and columns to (round_up8(r), stride); U is (rows, r). A
+// lone last row pairs with itself, with weight 0 in utg.
+template <int64_t kBlock>
+__attribute__((always_inline)) inline void kept_rows_impl(const float* U, const float* vh, int64_t r,
+                                                          int64_t stride, const float* g, int64_t cols,
+                                                          int64_t begin, int64_t end, float* gv,
+                                                          float* utg) {
+  for (int64_t i = begin; i < end; i += 2) {
+    const int64_t i1 = std::min(i + 1, end - 1);
+    const float *g0 = g + i * cols, *g1 = g + i1 * cols;
+    const float* next0 = g + std::min(i + 2, end - 1) * cols;      // prefetched: see product_rows_impl
+    const float* next1 = g + std::min(i + 3, end - 1) * cols;
+    for (int64_t k0 = 0; k0 < r; k0 += kBlock) {
+      float u0[kBlock], u1[kBlock];
+      for (int64_t q = 0; q < kBlock; ++q) {
+        u0[q] = k0 + q < r ? U[i * r + k0 + q] : 0.f;
+        u1[q] = k0 + q < r && i1 != i ? U[i1 * r + k0 + q] : 0.f;
+      }
+      Vec sum[16] = {};       // row i's kBlock dot products, then row i1's (lane_totals takes 16)
+      for (int64_t j = 0; j < stride; j += kVecLanes) {
+        __builtin_prefetch(next0 + j);
+        __builtin_prefetch(next1 + j);
+        const Vec a0 = g_chunk(g0, cols, j), a1 = g_chunk(g1, cols, j);
+        for (int64_t q = 0; q < kBlock; ++q) {
+          const Vec x = load_vec(vh + (k0 + q) * stride + j);
+          sum[q] += a0 * x;
+          sum[kBlock + q] += a1 * x;
+          float* t = utg + (k0 + q) * stride + j;
+          const Vec share = load_vec(t) + a0 * u0[q] + a1 * u1[q];
+          std::memcpy(t, &share, sizeof share);
+        }
+      }
+      float total[16];
+      lane_totals(sum, total);
+      for (int64_t q = 0; q < kBlock && k0 + q < r; ++q) {
+        gv[i * r + k0 + q] = total[q];
+        if (i1 != i) gv[i1 * r + k0 + q] = total[kBlock + q];
+      }
+    }
+  }
+}
+
+// kept_rows_impl with blocks of 4 terms for r <= 4 (the default rank: 8 would do half its work on
+// zeros), else 8
+void kept_rows(const float* U, const float* vh, int64_t r, int64_t stride, const float* g, int64_t cols,
+               int64_t begin, int64_t end, float* gv, float* utg) {
+  if (r <= 4)
+    kept_rows_impl<4>(U, vh, r, stride, g, cols, begin, end, gv, utg);
+  else
+    kept_rows_impl<8>(U, vh, r, stride, g, cols, begin, end, gv, utg);
 }

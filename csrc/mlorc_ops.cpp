@@ -447,6 +447,55 @@ at::Tensor moment_matmul_cpu(const at::Tensor& U, const at::Tensor& s, const at:
   return new_moment_matmul(A, rows, X, transposed);
 }
 
+// ---------------------------------------------------------------------------------------------------
+// kept_products: (U^T grad, grad Vh^T), the two thin products with g that kept_part needs
+// (full_weight_outside), in one pass over grad instead of one each. Python twin: (U.mT @ grad,
+// grad @ Vh.mT). Other devices take kept_products_matmul.
+
+void check_kept_products_args(const at::Tensor& grad, const at::Tensor& U, const at::Tensor& Vh) {
+  TORCH_CHECK(grad.dim() == 2, "mlorc: kept_products' grad must be a matrix");
+  const at::Tensor ones = at::ones({U.dim() == 2 ? U.size(1) : 0}, grad.options());
+  check_factors(U, ones, Vh, grad.size(0), grad.size(1), "kept_products");
+  check_dense(grad, grad.size(0), grad.size(1), "grad");
+}
+
+std::tuple<at::Tensor, at::Tensor> kept_products_cpu(const at::Tensor& grad, const at::Tensor& U,
+                                                     const at::Tensor& Vh) {
+  check_kept_products_args(grad, U, Vh);
+  const int64_t rows = grad.size(0), cols = grad.size(1), r = U.size(1);
+  const int64_t r8 = round_up8(r), b = block_rows(cols), blocks = count_blocks(rows, cols);
+  const at::Tensor vh = padded_copy(Vh, r8, round_up16(cols));
+  const int64_t stride = vh.size(1);
+  at::Tensor gv = at::empty({rows, r}, grad.options());
+  // U^T g sums over all rows: in a fixed number of row ranges, each into its own partial, added in
+  // range order (as moment_matmul's A^T X), so the thread count does not change the result
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(blocks, 8));
+  std::vector<float> partial(parts * r8 * stride, 0.f);
+  const auto kept = MLORC_ROWS(kept_rows);
+  parallel_for_matrix(parts, blocks, [&](int64_t first, int64_t last) {
+    for (int64_t q = first; q < last; ++q) {
+      const int64_t begin = q * blocks / parts * b, end = std::min(rows, (q + 1) * blocks / parts * b);
+      kept(U.data_ptr<float>(), vh.data_ptr<float>(), r, stride, grad.data_ptr<float>(), cols, begin, end,
+           gv.data_ptr<float>(), partial.data() + q * r8 * stride);
+    }
+  });
+  at::Tensor utg = at::empty({r, cols}, grad.options());
+  float* out = utg.data_ptr<float>();
+  for (int64_t k = 0; k < r; ++k)
+    for (int64_t j = 0; j < cols; ++j) {
+      float sum = partial[k * stride + j];
+      for (int64_t q = 1; q < parts; ++q) sum += partial[(q * r8 + k) * stride + j];
+      out[k * cols + j] = sum;
+    }
+  return {utg, gv};
+}
+
+std::tuple<at::Tensor, at::Tensor> kept_products_matmul(const at::Tensor& grad, const at::Tensor& U,
+                                                        const at::Tensor& Vh) {
+  check_kept_products_args(grad, U, Vh);
+  return {at::mm(U.t(), grad), at::mm(grad, Vh.t())};
+}
+
 TORCH_LIBRARY(mlorc, m) {
   m.def("parallel_threads() -> int", &parallel_threads);
   m.def("cpu_level() -> int", &cpu_level);
@@ -472,6 +521,7 @@ TORCH_LIBRARY(mlorc, m) {
   m.def(
       "moment_matmul(Tensor U, Tensor s, Tensor Vh, Tensor grad, float beta, bool squared, "
       "Tensor? shift, Tensor X, bool transposed) -> Tensor");
+  m.def("kept_products(Tensor grad, Tensor U, Tensor Vh) -> (Tensor, Tensor)");
 }
 
 // Meta kernels: shapes only, so FakeTensor tracing (torch.compile, opcheck) works.
@@ -524,6 +574,12 @@ TORCH_LIBRARY_IMPL(mlorc, CPU, m) {
   m.impl("adamw_update_", &adamw_update<adamw_cpu>);
   m.impl("lion_update_", &lion_update<lion_cpu>);
   m.impl("moment_matmul", &moment_matmul_cpu);
+  m.impl("kept_products", &kept_products_cpu);
+}
+
+// Every other device (CUDA, and Meta for shapes): two matmuls
+TORCH_LIBRARY_IMPL(mlorc, CompositeExplicitAutograd, m) {
+  m.impl("kept_products", &kept_products_matmul);
 }
 
 }  // namespace mlorc

@@ -172,6 +172,33 @@ def _test_moment_matmul(ops, device):
                     assert ((ours - expected).abs() <= 1e-5 * scale).all()
 
 
+def _test_kept_products(ops, device):
+    """(U^T g, g Vh^T) in one pass, against the two matmuls, within the rounding bound of
+    _test_moment_matmul (each result a sum of n terms in another order, relative to the sum of their
+    magnitudes). Shapes: an odd number of rows (the CPU takes them in pairs, a lone last row with
+    weight 0 in U^T g), one row, no rows, columns not a multiple of 16 lanes, more row blocks than
+    the 8 ranges U^T g is summed in; ranks 1, 4 (the CPU's 4-term blocks) and 5 and 17 (8-term
+    blocks, a partial last one)."""
+    shapes = [(12, 10), (7, 50), (1, 20), (0, 5), (5000, 64), (300, 33)]
+    for (rows, cols), r in itertools.product(shapes, [1, 4, 5, 17]):
+        gen = torch.Generator().manual_seed(rows + r)
+        g, U, Vh = (torch.randn(*shape, generator=gen).to(device) for shape in [(rows, cols), (rows, r), (r, cols)])
+        UtG, GV = ops.kept_products(g, U, Vh)
+        assert UtG.shape == (r, cols) and GV.shape == (rows, r)
+        assert ((UtG - U.mT @ g).abs() <= 1e-5 * (U.mT.abs() @ g.abs())).all()
+        assert ((GV - g @ Vh.mT).abs() <= 1e-5 * (g.abs() @ Vh.mT.abs())).all()
+
+
+def test_kept_products_do_not_depend_on_the_thread_count(ext):
+    """U^T g is summed over fixed row ranges, whichever thread runs them: the same bits at any thread
+    count (as moment_matmul's A^T X)."""
+    gen = torch.Generator().manual_seed(2)
+    g, U, Vh = torch.randn(5000, 64, generator=gen), torch.randn(5000, 4, generator=gen), torch.randn(4, 64, generator=gen)
+    products = [torch.cat([UtG.flatten(), GV.flatten()]) for _ in at_thread_counts(1, 2, 3)
+                for UtG, GV in [ext.kept_products(g, U, Vh)]]
+    assert all(torch.equal(products[0], other) for other in products[1:])
+
+
 def test_fused_moments_multiply_like_the_dense_stack(ext, device):
     """FusedMoments stands for the stack of dense new moments in rsvd: A @ X and A.mT @ X agree with
     the dense stack's, within the rounding bound of _test_moment_matmul."""
@@ -243,6 +270,7 @@ def _test_opcheck(ops, device):
         X = torch.randn(size, 3, device=device)
         torch.library.opcheck(ops.moment_matmul, (*case["v"], g, 0.9, True, shift, X, transposed))
         torch.library.opcheck(ops.moment_matmul, (*case["m"], g, 0.9, False, None, X, transposed))
+    torch.library.opcheck(ops.kept_products, (g, *(t.contiguous() for t in orthonormal_m(case))))
 
 
 def _test_bad_shapes_raise(ops, device):
@@ -253,10 +281,12 @@ def _test_bad_shapes_raise(ops, device):
     with pytest.raises(RuntimeError, match="float32"):
         ops.lion_step_(p.double(), case["g"].double(), *case["m"], torch.empty_like(p).double(), 0.9, 0.99,
                        1e-2, 0.0)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        ops.kept_products(case["g"], case["m"][0][:-1], case["m"][2])
 
 
 CHECKS = [_test_negative_mean, _test_adamw_step, _test_lion_step, _test_update_ops, _test_moment_matmul,
-          _test_opcheck, _test_bad_shapes_raise]
+          _test_kept_products, _test_opcheck, _test_bad_shapes_raise]
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda f: f.__name__[6:])
@@ -266,7 +296,7 @@ def test_ops_cpu(ext, check):
 
 @pytest.mark.parametrize("level", [0, 3])
 @pytest.mark.parametrize("check", [_test_negative_mean, _test_adamw_step, _test_lion_step, _test_update_ops,
-                                   _test_moment_matmul], ids=lambda f: f.__name__[6:])
+                                   _test_moment_matmul, _test_kept_products], ids=lambda f: f.__name__[6:])
 def test_ops_cpu_on_lower_instruction_sets(ext, check, level, monkeypatch):
     """The CPU row loops are compiled for AVX-512 (level 4), AVX2 (3) and baseline x86-64 (0), and
     the best the CPU runs is used; MLORC_CPU_LEVEL picks a lower one, so each build is checked
