@@ -1592,7 +1592,8 @@ class FusedMoments:
     rebuilds it a vector register at a time from its old factors and g ([M1]-[M3]) and multiplies
     as it goes (a first moment, linear in its parts, may be multiplied as beta U (s (Vh X)) +
     (1 - beta) g X instead). So the step holds no dense m x n moment at all (on CUDA,
-    moment_matmul holds chunks of 16 MiB of a second moment)."""
+    moment_matmul holds chunks of 16 MiB of a second moment). MLorc_AdamW's m and v share their g:
+    mlorc::moment_pair_matmul multiplies both in one pass over it."""
 
     def __init__(self, moments, transposed=False):
         self.moments, self.transposed = moments, transposed
@@ -1605,9 +1606,18 @@ class FusedMoments:
         return FusedMoments(self.moments, not self.transposed)
 
     def __matmul__(self, X):
-        return torch.stack([torch.ops.mlorc.moment_matmul(*A.old, A.g, A.beta, A.squared, A.shift, X_k,
-                                                          self.transposed)
-                            for A, X_k in zip(self.moments, X.unbind(0))])
+        X, products, k = X.unbind(0), [], 0
+        while k < len(self.moments):
+            A, V = self.moments[k], self.moments[k + 1] if k + 1 < len(self.moments) else None
+            if V is not None and V.g is A.g and not A.squared and A.shift is None and V.squared:
+                products += torch.ops.mlorc.moment_pair_matmul(*A.old, *V.old, A.g, A.beta, V.beta, V.shift,
+                                                               X[k], X[k + 1], self.transposed)
+                k += 2
+            else:
+                products.append(torch.ops.mlorc.moment_matmul(*A.old, A.g, A.beta, A.squared, A.shift, X[k],
+                                                              self.transposed))
+                k += 1
+        return torch.stack(products)
 
     def __rmatmul__(self, Y):            # Y @ A = (A^T Y^T)^T
         return (self.mT @ Y.mT).mT

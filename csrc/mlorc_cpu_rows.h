@@ -110,9 +110,6 @@ void lion_rows(const LionArgs args, const Factors& m_old, const Factors& kept, i
 template <bool kSquared, bool kRepair>
 constexpr bool kSplit = !kSquared && !kRepair;
 
-// columns [j, j + kVecLanes) of row i of the new moment A: [M1] from the weights w, [M2] if repair,
-// [M3]; the same expressions as lowrank_entry and moment_entry, so the entries equal what an update
-// pass sees. Of a split first moment, only g's part: the chunk of g
 // columns [j, j + kVecLanes) of a row of g (cols floats): the row's last chunk is loaded partly, and
 // chunks wholly in the padding past cols are zeros
 __attribute__((always_inline)) inline Vec g_chunk(const float* gi, int64_t cols, int64_t j) {
@@ -124,15 +121,23 @@ __attribute__((always_inline)) inline Vec g_chunk(const float* gi, int64_t cols,
   return g;
 }
 
+// columns [j, j + kVecLanes) of row i of the new moment A, given that chunk of g: [M1] from the
+// weights w, [M2] if repair, [M3]; the same expressions as lowrank_entry and moment_entry, so the
+// entries equal what an update pass sees. Of a split first moment, only g's part: the chunk of g
 template <bool kSquared, bool kRepair>
-__attribute__((always_inline)) inline Vec moment_chunk(const NewMoment& A, const float* w, const float* gi,
-                                                            int64_t j) {
-  const Vec g = g_chunk(gi, A.cols, j);
+__attribute__((always_inline)) inline Vec new_chunk(const NewMoment& A, const float* w, Vec g, int64_t j) {
   if (kSplit<kSquared, kRepair>) return g;     // the loops add the factors' part
   Vec old = lowrank_chunk(A.old, w, j);
   const Vec zero = {};
   if (kRepair) old = old < zero ? zero + A.shift : old;
   return kSquared ? old * A.beta + g * g * (1.f - A.beta) : old * A.beta + g * (1.f - A.beta);
+}
+
+// new_chunk of the chunk of row gi of g
+template <bool kSquared, bool kRepair>
+__attribute__((always_inline)) inline Vec moment_chunk(const NewMoment& A, const float* w, const float* gi,
+                                                            int64_t j) {
+  return new_chunk<kSquared, kRepair>(A, w, g_chunk(gi, A.cols, j), j);
 }
 
 // [M3] for n entries of a split first moment's product, given g's part in out: out = (1 - beta) out +
@@ -360,6 +365,161 @@ void row_dots(const float* a, int64_t na, const float* b, int64_t nb, int64_t st
       for (int l = 0; l < kVecLanes; ++l) total += sum[l];
       out[k * nb + q] = total;
     }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// moment_pair_matmul's loops: MLorc_AdamW's two new moments, M (a split first moment) and V (a
+// second moment, repaired when kRepair), multiplied each by its own X in one pass over g. Columns go
+// in blocks of kPairBlock (4) of each product, so 2 rows x (4 + 4) running sums are the 16 that
+// lane_totals adds, and at rank 4 with the default sketch (4 columns) no sum is spent on padding.
+// Where X is wider than one block, V's chunks are rebuilt once and read back for every block
+// (buffered), as in product_rows_impl.
+
+// The pair loops' kinds as compile-time constants: loop(repair, buffered), V repaired where it
+// has a shift, buffered where X is wider than one block
+template <class Loop>
+__attribute__((always_inline)) inline void pair_kind(const NewMoment& V, int64_t width, const Loop& loop) {
+  using yes = std::true_type;
+  using no = std::false_type;
+  const bool wide = width > kPairBlock;
+  if (V.repair)
+    wide ? loop(yes{}, yes{}) : loop(yes{}, no{});
+  else
+    wide ? loop(no{}, yes{}) : loop(no{}, no{});
+}
+
+// rows [begin, end) of M X_m and V X_v into out_m and out_v (rows, width), two rows at a time; Xt_m
+// and Xt_v as product_rows_impl's Xt, vhx M's Vh X_m; w: 2 (r_m + r_v) floats, rows: 2 stride floats
+template <bool kRepair, bool kBuffered>
+__attribute__((always_inline)) inline void pair_product_rows_impl(
+    const NewMoment& M, const NewMoment& V, const float* Xt_m, const float* Xt_v, const float* vhx,
+    int64_t width, int64_t begin, int64_t end, float* out_m, float* out_v, float* w, float* rows) {
+  const int64_t padded_width = round_up8(width), stride = M.old.stride;
+  float *wm0 = w, *wm1 = w + M.old.r, *wv0 = w + 2 * M.old.r, *wv1 = wv0 + V.old.r;
+  float *row0 = rows, *row1 = rows + stride;
+  for (int64_t i = begin; i < end; i += 2) {
+    const int64_t i1 = std::min(i + 1, end - 1);
+    M.old.weights(i, wm0);
+    M.old.weights(i1, wm1);
+    V.old.weights(i, wv0);
+    V.old.weights(i1, wv1);
+    const float *g0 = M.g + i * M.cols, *g1 = M.g + i1 * M.cols;
+    const float* next0 = M.g + std::min(i + 2, end - 1) * M.cols;    // prefetched: see product_rows_impl
+    const float* next1 = M.g + std::min(i + 3, end - 1) * M.cols;
+    if (kBuffered) {
+      for (int64_t j = 0; j < stride; j += kVecLanes) {
+        const Vec b0 = moment_chunk<true, kRepair>(V, wv0, g0, j), b1 = moment_chunk<true, kRepair>(V, wv1, g1, j);
+        std::memcpy(row0 + j, &b0, sizeof b0);
+        std::memcpy(row1 + j, &b1, sizeof b1);
+      }
+    }
+    for (int64_t q0 = 0; q0 < width; q0 += kPairBlock) {
+      Vec sum[16] = {};       // row i: M's 4 sums, V's 4; then row i1's
+      for (int64_t j = 0; j < stride; j += kVecLanes) {
+        __builtin_prefetch(next0 + j);
+        __builtin_prefetch(next1 + j);
+        const Vec a0 = g_chunk(g0, M.cols, j), a1 = g_chunk(g1, M.cols, j);
+        const Vec b0 = kBuffered ? load_vec(row0 + j) : new_chunk<true, kRepair>(V, wv0, a0, j);
+        const Vec b1 = kBuffered ? load_vec(row1 + j) : new_chunk<true, kRepair>(V, wv1, a1, j);
+        for (int64_t q = 0; q < kPairBlock; ++q) {
+          const Vec xm = load_vec(Xt_m + (q0 + q) * stride + j), xv = load_vec(Xt_v + (q0 + q) * stride + j);
+          sum[q] += a0 * xm;
+          sum[4 + q] += b0 * xv;
+          sum[8 + q] += a1 * xm;
+          sum[12 + q] += b1 * xv;
+        }
+      }
+      float total[16];
+      lane_totals(sum, total);
+      add_factors_part(M, total, kPairBlock, wm0, 1, vhx + q0, padded_width);
+      add_factors_part(M, total + 8, kPairBlock, wm1, 1, vhx + q0, padded_width);
+      for (int64_t q = 0; q < kPairBlock && q0 + q < width; ++q) {
+        out_m[i * width + q0 + q] = total[q];
+        out_v[i * width + q0 + q] = total[4 + q];
+        if (i1 != i) {
+          out_m[i1 * width + q0 + q] = total[8 + q];
+          out_v[i1 * width + q0 + q] = total[12 + q];
+        }
+      }
+    }
+  }
+}
+
+// rows [begin, end)'s share of M^T X_m and V^T X_v, written to out_m and out_v (round_up8(width),
+// stride each), as accumulate_rows_impl's: rows in blocks of kRowBlock, for each chunk kPairBlock
+// columns of each product in registers while the block's rows go by. M's (U s)^T X_m goes to usx.
+// w: kRowBlock (r_m + r_v) floats.
+template <bool kRepair, bool kBuffered>
+__attribute__((always_inline)) inline void pair_accumulate_rows_impl(
+    const NewMoment& M, const NewMoment& V, const float* X_m, const float* X_v, int64_t width,
+    int64_t begin, int64_t end, float* out_m, float* out_v, float* usx, float* w) {
+  const int64_t x_stride = round_up8(width), stride = M.old.stride, r_mv = M.old.r + V.old.r;
+  Vec g_chunks[kRowBlock], v_chunks[kRowBlock];
+  for (int64_t first = begin; first < end; first += kRowBlock) {
+    const int64_t last = std::min(end, first + kRowBlock);
+    for (int64_t i = first; i < last; ++i) {
+      float* wi = w + (i - first) * r_mv;
+      M.old.weights(i, wi);
+      V.old.weights(i, wi + M.old.r);
+      for (int64_t k = 0; k < M.old.r; ++k)            // (U s)^T X_m, row by row
+        for (int64_t q = 0; q < x_stride; ++q) usx[k * x_stride + q] += wi[k] * X_m[i * x_stride + q];
+    }
+    const auto chunks = [&](int64_t i, int64_t j, Vec& a, Vec& b) {
+      __builtin_prefetch(M.g + std::min(i + kRowBlock, end - 1) * M.cols + j);   // see accumulate_rows_impl
+      a = g_chunk(M.g + i * M.cols, M.cols, j);
+      b = new_chunk<true, kRepair>(V, w + (i - first) * r_mv + M.old.r, a, j);
+    };
+    for (int64_t j = 0; j < stride; j += kVecLanes) {
+      if (kBuffered)
+        for (int64_t i = first; i < last; ++i) chunks(i, j, g_chunks[i - first], v_chunks[i - first]);
+      for (int64_t q0 = 0; q0 < width; q0 += kPairBlock) {
+        Vec sum[2 * kPairBlock] = {};    // M's, then V's; the range's first block writes out, the others add
+        if (first != begin)
+          for (int64_t q = 0; q < kPairBlock; ++q) {
+            sum[q] = load_vec(out_m + (q0 + q) * stride + j);
+            sum[kPairBlock + q] = load_vec(out_v + (q0 + q) * stride + j);
+          }
+        for (int64_t i = first; i < last; ++i) {
+          Vec a, b;
+          if (kBuffered) {
+            a = g_chunks[i - first];
+            b = v_chunks[i - first];
+          } else {
+            chunks(i, j, a, b);
+          }
+          const float *xm = X_m + i * x_stride + q0, *xv = X_v + i * x_stride + q0;
+          for (int64_t q = 0; q < kPairBlock; ++q) {
+            sum[q] += a * xm[q];
+            sum[kPairBlock + q] += b * xv[q];
+          }
+        }
+        for (int64_t q = 0; q < kPairBlock; ++q) {
+          std::memcpy(out_m + (q0 + q) * stride + j, &sum[q], sizeof(Vec));
+          std::memcpy(out_v + (q0 + q) * stride + j, &sum[kPairBlock + q], sizeof(Vec));
+        }
+      }
+    }
+  }
+}
+
+void pair_product_rows(const NewMoment& M, const NewMoment& V, const float* Xt_m, const float* Xt_v,
+                       const float* vhx, int64_t width, int64_t begin, int64_t end, float* out_m,
+                       float* out_v, float* w, float* rows) {
+  const auto run = [&](auto repair, auto buffered) {
+    pair_product_rows_impl<repair.value, buffered.value>(M, V, Xt_m, Xt_v, vhx, width, begin, end, out_m,
+                                                         out_v, w, rows);
+  };
+  pair_kind(V, width, run);
+}
+
+void pair_accumulate_rows(const NewMoment& M, const NewMoment& V, const float* X_m, const float* X_v,
+                          int64_t width, int64_t begin, int64_t end, float* out_m, float* out_v,
+                          float* usx, float* w) {
+  const auto run = [&](auto repair, auto buffered) {
+    pair_accumulate_rows_impl<repair.value, buffered.value>(M, V, X_m, X_v, width, begin, end, out_m,
+                                                            out_v, usx, w);
+  };
+  pair_kind(V, width, run);
 }
 
 // ---------------------------------------------------------------------------------------------------

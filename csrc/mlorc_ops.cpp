@@ -162,6 +162,9 @@ constexpr int64_t kWidthBlock = 8;
 
 inline int64_t round_up8(int64_t n) { return (n + kWidthBlock - 1) / kWidthBlock * kWidthBlock; }
 
+// moment_pair_matmul's loops hold 4 columns of each of its two products at a time (8 sums a row)
+constexpr int64_t kPairBlock = 4;
+
 // Whether moment_matmul splits A: a first moment (no square, no repair) is linear in its parts,
 // A X = beta (U s)(Vh X) + (1 - beta) g X, so its row loops multiply g alone, and the factors' part
 // comes from r x width products (Vh X, or (U s)^T X for A^T X): r multiply-adds an entry fewer.
@@ -376,61 +379,91 @@ void check_moment_matmul_args(const at::Tensor& U, const at::Tensor& s, const at
               "mlorc: moment_matmul's shift must be one float32");
 }
 
-// A @ X, or A^T @ X when transposed, through the row loops
-at::Tensor new_moment_matmul(const NewMoment& A, int64_t rows, const at::Tensor& X, bool transposed) {
-  const int64_t cols = A.cols, r = A.old.r, width = X.size(1), stride = A.old.stride;
+// A_k @ X_k, or A_k^T @ X_k when transposed, through the row loops, for one new moment or for
+// MLorc_AdamW's pair (a split first moment, then a second moment) in one pass over their shared g
+std::vector<at::Tensor> new_moments_matmul(const std::vector<NewMoment>& A, int64_t rows,
+                                           const std::vector<at::Tensor>& X, bool transposed) {
+  const NewMoment& first = A[0];
+  const bool pair = A.size() == 2;
+  const int64_t cols = first.cols, r = first.old.r, width = X[0].size(1), stride = first.old.stride;
+  const int64_t r_all = pair ? r + A[1].old.r : r;
   const int64_t b = block_rows(cols), blocks = count_blocks(rows, cols);
   const int64_t padded_width = round_up8(width);      // X's columns, padded to the 8 summed at once
+  std::vector<at::Tensor> out;
   if (!transposed) {
-    const at::Tensor Xt = loop_layout(X, stride);
-    const float* xt = Xt.data_ptr<float>();
-    std::vector<float> vhx(r * padded_width);                      // Vh X, for a split moment
-    if (split(A)) MLORC_ROWS(row_dots)(A.old.vh, r, xt, padded_width, stride, vhx.data());
-    at::Tensor out = at::empty({rows, width}, X.options());
-    float* o = out.data_ptr<float>();
-    const auto product = MLORC_ROWS(product_rows);
-    const int64_t row_buffer = buffered(A, width) ? 2 * stride : 0;
-    for_row_blocks(rows, cols, 2 * r + row_buffer, [&](int64_t, int64_t begin, int64_t end, float* w) {
-      product(A, xt, vhx.data(), width, begin, end, o, w, w + 2 * r);
-    });
+    std::vector<at::Tensor> Xt;
+    for (const at::Tensor& X_k : X) {
+      Xt.push_back(loop_layout(X_k, stride));
+      out.push_back(at::empty({rows, width}, X_k.options()));
+    }
+    const float *xt = Xt[0].data_ptr<float>(), *xt_v = Xt.back().data_ptr<float>();
+    std::vector<float> vhx(r * padded_width);                  // Vh X, for a split first moment
+    if (split(first)) MLORC_ROWS(row_dots)(first.old.vh, r, xt, padded_width, stride, vhx.data());
+    float *o = out[0].data_ptr<float>(), *o_v = out.back().data_ptr<float>();
+    if (pair) {
+      const auto product = MLORC_ROWS(pair_product_rows);
+      const int64_t row_buffer = width > kPairBlock ? 2 * stride : 0;
+      for_row_blocks(rows, cols, 2 * r_all + row_buffer, [&](int64_t, int64_t begin, int64_t end, float* w) {
+        product(first, A[1], xt, xt_v, vhx.data(), width, begin, end, o, o_v, w, w + 2 * r_all);
+      });
+    } else {
+      const auto product = MLORC_ROWS(product_rows);
+      const int64_t row_buffer = buffered(first, width) ? 2 * stride : 0;
+      for_row_blocks(rows, cols, 2 * r + row_buffer, [&](int64_t, int64_t begin, int64_t end, float* w) {
+        product(first, xt, vhx.data(), width, begin, end, o, w, w + 2 * r);
+      });
+    }
     return out;
   }
   // A^T X sums over all rows: a fixed number of row ranges (not one per thread) each sum their own
   // partial product, added in range order, so which thread runs which range does not matter.
   const int64_t parts = std::min<int64_t>(blocks, 8);
-  if (parts == 0) return at::zeros({cols, width}, X.options());         // no rows: A^T X is 0
-  const at::Tensor Xp = padded_columns(X);
-  const float* x = Xp.data_ptr<float>();
+  if (parts == 0) {                                                     // no rows: A^T X is 0
+    for (const at::Tensor& X_k : X) out.push_back(at::zeros({cols, width}, X_k.options()));
+    return out;
+  }
+  std::vector<at::Tensor> Xp;
+  for (const at::Tensor& X_k : X) Xp.push_back(padded_columns(X_k));
+  const float *x = Xp[0].data_ptr<float>(), *x_v = Xp.back().data_ptr<float>();
   // each range holds at least one block (parts <= blocks), whose rows write its partial first (so
-  // it needs no zeros)
-  const std::unique_ptr<float[]> partial(new float[parts * padded_width * stride]);
-  // and, of a split moment, its (U s)^T X: (r, padded_width) a range, summed from zero
+  // it needs no zeros), one partial per moment
+  const int64_t size = padded_width * stride;
+  const std::unique_ptr<float[]> partial(new float[A.size() * parts * size]);
+  float *total = partial.get(), *total_v = partial.get() + (A.size() - 1) * parts * size;
+  // and, of a split first moment, its (U s)^T X: (r, padded_width) a range, summed from zero
   std::vector<float> usx(parts * r * padded_width, 0.f);
   const auto accumulate = MLORC_ROWS(accumulate_rows);
-  parallel_for_matrix(parts, blocks, [&](int64_t first, int64_t last) {
-    std::vector<float> w(kRowBlock * r);
-    for (int64_t q = first; q < last; ++q) {
+  const auto accumulate_pair = MLORC_ROWS(pair_accumulate_rows);
+  parallel_for_matrix(parts, blocks, [&](int64_t first_part, int64_t last_part) {
+    std::vector<float> w(kRowBlock * r_all);
+    for (int64_t q = first_part; q < last_part; ++q) {
       const int64_t begin = q * blocks / parts * b, end = std::min(rows, (q + 1) * blocks / parts * b);
-      accumulate(A, x, width, begin, end, partial.get() + q * padded_width * stride,
-                 usx.data() + q * r * padded_width, w.data());
+      if (pair)
+        accumulate_pair(first, A[1], x, x_v, width, begin, end, total + q * size, total_v + q * size,
+                        usx.data() + q * r * padded_width, w.data());
+      else
+        accumulate(first, x, width, begin, end, total + q * size, usx.data() + q * r * padded_width,
+                   w.data());
     }
   });
   // the partials' sums, added in range order whichever thread ran which range (into the first
   // one, along its rows: contiguous adds), then transposed
-  const auto add_ranges = [parts](float* first, int64_t size) {
+  const auto add_ranges = [parts](float* sums, int64_t n) {
     for (int64_t q = 1; q < parts; ++q)
-      for (int64_t e = 0; e < size; ++e) first[e] += first[q * size + e];
+      for (int64_t e = 0; e < n; ++e) sums[e] += sums[q * n + e];
   };
-  float* total = partial.get();
-  add_ranges(total, padded_width * stride);
-  if (split(A)) {
+  for (size_t k = 0; k < A.size(); ++k) add_ranges(partial.get() + k * parts * size, size);
+  if (split(first)) {
     add_ranges(usx.data(), r * padded_width);
-    MLORC_ROWS(add_transposed_factors_part)(A, total, width, usx.data());
+    MLORC_ROWS(add_transposed_factors_part)(first, total, width, usx.data());
   }
-  at::Tensor out = at::empty({cols, width}, X.options());
-  float* o = out.data_ptr<float>();
-  for (int64_t j = 0; j < cols; ++j)
-    for (int64_t c = 0; c < width; ++c) o[j * width + c] = total[c * stride + j];
+  for (size_t k = 0; k < A.size(); ++k) {
+    const float* sums = partial.get() + k * parts * size;
+    out.push_back(at::empty({cols, width}, X[k].options()));
+    float* o = out.back().data_ptr<float>();
+    for (int64_t j = 0; j < cols; ++j)
+      for (int64_t c = 0; c < width; ++c) o[j * width + c] = sums[c * stride + j];
+  }
   return out;
 }
 
@@ -444,7 +477,51 @@ at::Tensor moment_matmul_cpu(const at::Tensor& U, const at::Tensor& s, const at:
   const at::Tensor vh = padded(Vh);
   const NewMoment A{Factors(U, s, vh), grad.data_ptr<float>(), cols, float(beta),
                     repair ? shift->item<float>() : 0.f, squared, repair};
-  return new_moment_matmul(A, rows, X, transposed);
+  return new_moments_matmul({A}, rows, {X}, transposed)[0];
+}
+
+// ---------------------------------------------------------------------------------------------------
+// moment_pair_matmul: (M @ X_m, V @ X_v), or their transposes' products, for MLorc_AdamW's two new
+// moments M = beta1 m~ + (1 - beta1) grad and V = beta2 v~ + (1 - beta2) grad^2 (v~'s entries below 0
+// replaced by shift when one is given), in one pass over grad instead of one each. Python twin: two
+// moment_matmul calls, as on every other device (moment_pair_matmul_apart).
+
+void check_moment_pair_args(const at::Tensor& mU, const at::Tensor& ms, const at::Tensor& mVh,
+                            const at::Tensor& vU, const at::Tensor& vs, const at::Tensor& vVh,
+                            const at::Tensor& grad, const c10::optional<at::Tensor>& shift,
+                            const at::Tensor& X_m, const at::Tensor& X_v, bool transposed) {
+  check_moment_matmul_args(mU, ms, mVh, grad, shift, X_m, transposed);
+  check_moment_matmul_args(vU, vs, vVh, grad, shift, X_v, transposed);
+  TORCH_CHECK(X_m.size(1) == X_v.size(1), "mlorc: moment_pair_matmul's X_m and X_v must be as wide");
+}
+
+std::tuple<at::Tensor, at::Tensor> moment_pair_matmul_cpu(
+    const at::Tensor& mU, const at::Tensor& ms, const at::Tensor& mVh, const at::Tensor& vU,
+    const at::Tensor& vs, const at::Tensor& vVh, const at::Tensor& grad, double beta1, double beta2,
+    const c10::optional<at::Tensor>& shift, const at::Tensor& X_m, const at::Tensor& X_v, bool transposed) {
+  check_moment_pair_args(mU, ms, mVh, vU, vs, vVh, grad, shift, X_m, X_v, transposed);
+  const int64_t rows = mU.size(0), cols = mVh.size(1);
+  const bool repair = shift.has_value();
+  const at::Tensor mvh = padded(mVh), vvh = padded(vVh);
+  const float* g = grad.data_ptr<float>();
+  const NewMoment M{Factors(mU, ms, mvh), g, cols, float(beta1), 0.f, false, false};
+  const NewMoment V{Factors(vU, vs, vvh), g, cols, float(beta2), repair ? shift->item<float>() : 0.f,
+                    true, repair};
+  const std::vector<at::Tensor> out = new_moments_matmul({M, V}, rows, {X_m, X_v}, transposed);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> moment_pair_matmul_apart(
+    const at::Tensor& mU, const at::Tensor& ms, const at::Tensor& mVh, const at::Tensor& vU,
+    const at::Tensor& vs, const at::Tensor& vVh, const at::Tensor& grad, double beta1, double beta2,
+    const c10::optional<at::Tensor>& shift, const at::Tensor& X_m, const at::Tensor& X_v, bool transposed) {
+  check_moment_pair_args(mU, ms, mVh, vU, vs, vVh, grad, shift, X_m, X_v, transposed);
+  static const auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("mlorc::moment_matmul", "")
+      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                        bool, const c10::optional<at::Tensor>&, const at::Tensor&, bool)>();
+  return {op.call(mU, ms, mVh, grad, beta1, false, c10::nullopt, X_m, transposed),
+          op.call(vU, vs, vVh, grad, beta2, true, shift, X_v, transposed)};
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -521,6 +598,10 @@ TORCH_LIBRARY(mlorc, m) {
   m.def(
       "moment_matmul(Tensor U, Tensor s, Tensor Vh, Tensor grad, float beta, bool squared, "
       "Tensor? shift, Tensor X, bool transposed) -> Tensor");
+  m.def(
+      "moment_pair_matmul(Tensor mU, Tensor ms, Tensor mVh, Tensor vU, Tensor vs, Tensor vVh, "
+      "Tensor grad, float beta1, float beta2, Tensor? shift, Tensor X_m, Tensor X_v, "
+      "bool transposed) -> (Tensor, Tensor)");
   m.def("kept_products(Tensor grad, Tensor U, Tensor Vh) -> (Tensor, Tensor)");
 }
 
@@ -574,11 +655,14 @@ TORCH_LIBRARY_IMPL(mlorc, CPU, m) {
   m.impl("adamw_update_", &adamw_update<adamw_cpu>);
   m.impl("lion_update_", &lion_update<lion_cpu>);
   m.impl("moment_matmul", &moment_matmul_cpu);
+  m.impl("moment_pair_matmul", &moment_pair_matmul_cpu);
   m.impl("kept_products", &kept_products_cpu);
 }
 
-// Every other device (CUDA, and Meta for shapes): two matmuls
+// Every other device (CUDA, and Meta for shapes): two matmuls for kept_products, two moment_matmul
+// calls for moment_pair_matmul
 TORCH_LIBRARY_IMPL(mlorc, CompositeExplicitAutograd, m) {
+  m.impl("moment_pair_matmul", &moment_pair_matmul_apart);
   m.impl("kept_products", &kept_products_matmul);
 }
 

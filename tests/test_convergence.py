@@ -13,11 +13,23 @@ torch.optim.AdamW's, both from the same initialization and batches:
     without full_weight_outside, at its best lr (3e-2):  2.18  2.67  2.59  2.75  1.73
     rank 1, lr 1e-2:              32.3   7.1  34.1  49.1  21.5
 
-So rank 4 costs about 1.3-1.9x in final loss here, and the bound below is 2.5x: 1.35x headroom over
-the worst measured seed; rank 1 costs 5-37x as much as rank 4 (test_rank_matters). At rank None
-MLorc_AdamW equals torch.optim.AdamW to the printed digits (test_smoke checks that equivalence
+So rank 4 costs about 1.3-1.9x in final loss here; rank 1 costs 5-37x as much as rank 4. At rank
+None MLorc_AdamW equals torch.optim.AdamW to the printed digits (test_smoke checks that equivalence
 exactly), so the factor measures the compression alone.
+
+Each seed's figure moves with the last bit of rounding: the run is chaotic (the sketch's QR turns a
+difference of one ulp into another subspace). Rank 4 at lr 1e-2 from the same initial weights each
+multiplied by (1 + 1.2e-7 z), z ~ N(0, 1) (about one ulp), ten such draws, each on the pure path
+and through the extension (22 runs of the five seeds with the two unperturbed ones): seed 0's
+figure ranged over 1.18-3.21 (1.54 unperturbed, pure), every seed's over 1.10-3.21, while the
+median of the five seeds stayed within 1.35-1.85. The same for rank 1 against rank 4 (16 runs of
+the five seeds): single seeds 3.3-40, medians 4.1-15.6. So the tests compare medians over the five
+seeds: rank 4 below 2.5x AdamW (1.35x headroom over the largest median measured), rank 1 above 2.5x
+rank 4 (1.6x below the smallest).
 """
+
+import functools
+import statistics
 
 import pytest
 import torch
@@ -70,21 +82,34 @@ def train(make_opt, seed):
         return initial, mse(model(x), y).item()
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_rank_4_within_2_5x_of_torch_adamw(seed):
-    _, adamw = train(lambda ps: torch.optim.AdamW(ps, lr=LR), seed)
-    initial, low_rank = train(lambda ps: mlorc.MLorc_AdamW(ps, lr=MLORC_LR, rank=4), seed)
-    assert adamw < initial / 30                      # the baseline itself trained (measured 95-215x)
-    assert low_rank < 2.5 * adamw
+SEEDS = range(5)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_rank_matters(seed):
-    # the rank-1 moment of a rank-4 problem is much worse: 18.5x and 5.1x rank 4's final loss on
-    # seeds 0 and 1 (the table above)
-    _, rank_1 = train(lambda ps: mlorc.MLorc_AdamW(ps, lr=MLORC_LR, rank=1), seed)
-    _, rank_4 = train(lambda ps: mlorc.MLorc_AdamW(ps, lr=MLORC_LR, rank=4), seed)
-    assert rank_1 > 2.5 * rank_4
+@functools.lru_cache(maxsize=None)
+def final_losses(name):
+    """(initial, final) losses of seeds 0-4 for torch AdamW ("adamw") or MLorc_AdamW of rank 1 or 4
+    ("rank1", "rank4"), each trained once for the tests that compare them."""
+    make = {"adamw": lambda ps: torch.optim.AdamW(ps, lr=LR),
+            "rank1": lambda ps: mlorc.MLorc_AdamW(ps, lr=MLORC_LR, rank=1),
+            "rank4": lambda ps: mlorc.MLorc_AdamW(ps, lr=MLORC_LR, rank=4)}[name]
+    return [train(make, seed) for seed in SEEDS]
+
+
+def median_ratio(a, b):
+    """The median over the seeds of a's final loss over b's."""
+    return statistics.median(x[1] / y[1] for x, y in zip(final_losses(a), final_losses(b)))
+
+
+def test_rank_4_within_2_5x_of_torch_adamw():
+    for initial, final in final_losses("adamw"):
+        assert final < initial / 30                   # the baseline itself trained (measured 95-215x)
+    assert median_ratio("rank4", "adamw") < 2.5
+
+
+def test_rank_matters():
+    # the rank-1 moment of a rank-4 problem is much worse: the median of rank 1's final loss over
+    # rank 4's, over seeds 0-4, measured 4.1-15.6 (the docstring)
+    assert median_ratio("rank1", "rank4") > 2.5
 
 
 # lr per variant; measured reduction of the loss over the 300 steps, seeds 0-2, in parentheses

@@ -172,6 +172,30 @@ def _test_moment_matmul(ops, device):
                     assert ((ours - expected).abs() <= 1e-5 * scale).all()
 
 
+def _test_moment_pair_matmul(ops, device):
+    """MLorc_AdamW's m and v multiplied in one pass over their g, against the dense moments' products,
+    within _test_moment_matmul's bound relative to the sum of the terms' magnitudes: for m, whose
+    product is split, the terms are b1 m~ and (1 - b1) g apart (where they cancel, |m| alone can be
+    far smaller: a one-row A^T X measured 1.8e-5 of |m| @ |X|; of the terms' sum, 2.8e-6 at most
+    over these cases). Widths 3, 4 (one block of 4 columns of each product on the CPU), 6 and 11
+    (several, v rebuilt once into a buffer), with and without v's repair; its shapes."""
+    shapes = [(12, 10), (300, 100), (5000, 64), (40, 33), (7, 50), (1, 20)]
+    for (rows, cols), (width, r) in itertools.product(shapes, [(3, 2), (4, 4), (6, 4), (11, 7)]):
+        gen = torch.Generator().manual_seed(rows + width)
+        m_old, v_old = ([t.to(device) for t in (torch.randn(rows, r, generator=gen), torch.rand(r, generator=gen),
+                                                torch.randn(r, cols, generator=gen))] for _ in range(2))
+        g = torch.randn(rows, cols, generator=gen).to(device)
+        for shift in (None, ops.negative_mean(*v_old)):
+            M, V = dense_moment(m_old, g, 0.9), dense_moment(v_old, g, 0.999, True, shift)
+            for transposed, length in [(False, cols), (True, rows)]:
+                X_m, X_v = (torch.randn(length, width, generator=gen).to(device) for _ in range(2))
+                ours = ops.moment_pair_matmul(*m_old, *v_old, g, 0.9, 0.999, shift, X_m, X_v, transposed)
+                m_terms = 0.9 * mlorc.reconstruct(*m_old).abs() + 0.1 * g.abs()
+                for product, A, terms, X in zip(ours, (M, V), (m_terms, V.abs()), (X_m, X_v)):
+                    A, terms = (A.T, terms.T) if transposed else (A, terms)
+                    assert ((product - A @ X).abs() <= 1e-5 * (terms @ X.abs())).all()
+
+
 def _test_kept_products(ops, device):
     """(U^T g, g Vh^T) in one pass, against the two matmuls, within the rounding bound of
     _test_moment_matmul (each result a sum of n terms in another order, relative to the sum of their
@@ -270,6 +294,8 @@ def _test_opcheck(ops, device):
         X = torch.randn(size, 3, device=device)
         torch.library.opcheck(ops.moment_matmul, (*case["v"], g, 0.9, True, shift, X, transposed))
         torch.library.opcheck(ops.moment_matmul, (*case["m"], g, 0.9, False, None, X, transposed))
+        torch.library.opcheck(ops.moment_pair_matmul, (*case["m"], *case["v"], g, 0.9, 0.99, shift, X, X,
+                                                       transposed))
     torch.library.opcheck(ops.kept_products, (g, *(t.contiguous() for t in orthonormal_m(case))))
 
 
@@ -286,7 +312,7 @@ def _test_bad_shapes_raise(ops, device):
 
 
 CHECKS = [_test_negative_mean, _test_adamw_step, _test_lion_step, _test_update_ops, _test_moment_matmul,
-          _test_kept_products, _test_opcheck, _test_bad_shapes_raise]
+          _test_moment_pair_matmul, _test_kept_products, _test_opcheck, _test_bad_shapes_raise]
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda f: f.__name__[6:])
@@ -296,7 +322,8 @@ def test_ops_cpu(ext, check):
 
 @pytest.mark.parametrize("level", [0, 3])
 @pytest.mark.parametrize("check", [_test_negative_mean, _test_adamw_step, _test_lion_step, _test_update_ops,
-                                   _test_moment_matmul, _test_kept_products], ids=lambda f: f.__name__[6:])
+                                   _test_moment_matmul, _test_moment_pair_matmul, _test_kept_products],
+                         ids=lambda f: f.__name__[6:])
 def test_ops_cpu_on_lower_instruction_sets(ext, check, level, monkeypatch):
     """The CPU row loops are compiled for AVX-512 (level 4), AVX2 (3) and baseline x86-64 (0), and
     the best the CPU runs is used; MLORC_CPU_LEVEL picks a lower one, so each build is checked
@@ -368,18 +395,15 @@ def test_products_only_compression_matches_pure_pytorch(ext, cls, power_iters, d
 @pytest.mark.parametrize("cls", [mlorc.MLorc_AdamW, mlorc.MLorc_Lion], ids=["AdamW", "Lion"])
 def test_wide_sketches_write_the_second_moment_on_cpu(ext, cls, monkeypatch):
     """On the CPU, where a sketch is wider than CPU_PRODUCTS_MAX_WIDTH, a second moment is not
-    reached through moment_matmul (each product would rebuild it): MLorc_AdamW's fused pass writes
-    the new moments (adamw_step_) and [M4] multiplies them with BLAS; a sketch of exactly the
-    largest width still takes the products. MLorc_Lion's first moment takes them at every width.
-    Either way the result agrees with the pure path. (AdamW runs with full_weight_outside=False:
-    its products with g alone also go through moment_matmul, at every width.)"""
-    extra = dict(full_weight_outside=False) if cls is mlorc.MLorc_AdamW else {}
-
-    def run(extension, width, **extra):
+    reached through products (each would rebuild it): MLorc_AdamW's fused pass writes the new
+    moments (adamw_step_) and [M4] multiplies them with BLAS; a sketch of exactly the largest width
+    still takes the products (moment_pair_matmul, m and v in one pass). MLorc_Lion's first moment
+    takes them (moment_matmul) at every width. Either way the result agrees with the pure path."""
+    def run(extension, width):
         with extension_mode(extension):
             gen = torch.Generator().manual_seed(0)
             params = [torch.randn(s, generator=gen).requires_grad_() for s in [(300, 40), (300, 40)]]
-            opt = cls(params, lr=1e-2, rank=width - 4, oversampling=4, **extra)
+            opt = cls(params, lr=1e-2, rank=width - 4, oversampling=4)
             for _ in range(5):
                 for p in params:
                     g = torch.randn(p.shape, generator=gen)
@@ -388,19 +412,16 @@ def test_wide_sketches_write_the_second_moment_on_cpu(ext, cls, monkeypatch):
             return params
 
     assert mlorc.extension_ready(torch.device("cpu"))     # its check's calls are not recorded
-    writes = {mlorc.MLorc_AdamW: "adamw_step_", mlorc.MLorc_Lion: "lion_step_"}[cls]
+    writes, multiplies = {mlorc.MLorc_AdamW: ("adamw_step_", "moment_pair_matmul"),
+                          mlorc.MLorc_Lion: ("lion_step_", "moment_matmul")}[cls]
     for width in (mlorc.CPU_PRODUCTS_MAX_WIDTH + 2, mlorc.CPU_PRODUCTS_MAX_WIDTH):
         products = width <= mlorc.CPU_PRODUCTS_MAX_WIDTH or cls is mlorc.MLorc_Lion
         ops = OpsWith(ext)
         monkeypatch.setattr(torch.ops, "mlorc", ops)
-        fused = run("1", width, **extra)
-        assert ("moment_matmul" in ops.used) == products
+        fused = run("1", width)
+        assert (multiplies in ops.used) == products
         assert (writes in ops.used) == (not products)
-        for a, b in zip(run("0", width, **extra), fused):
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-    if cls is mlorc.MLorc_AdamW:                          # the default, through adamw_step_ too
-        wide = mlorc.CPU_PRODUCTS_MAX_WIDTH + 2
-        for a, b in zip(run("0", wide), run("1", wide)):
+        for a, b in zip(run("0", width), fused):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
