@@ -59,8 +59,12 @@ cost accumulates). An accurate sketch now costs little (-0.3%, -1.6%, -3.3%; it 
 Adam's (2.3-2.9x in norm along those runs), still within [M6]'s bound. At full rank nothing is
 outside, nor where the gradients stay in the kept spaces: the step is dense Adam's. MLorc_Lion's
 sign(b1 m~ + (1 - b1) g) has the same lean and the same default (against its EMA alone: small GPT
--0.5%, LLaMA -5.5%, encoder -6.8%). The other variants keep the EMA alone (for ADOPT the same
-transcription was mixed; Prodigy, D-Adapt Lion and CAME are not measured yet).
+-0.5%, LLaMA -5.5%, encoder -6.8%), and so do MLorc_DAdapt_Lion's (-2.9%, -6.7%) and
+MLorc_Prodigy's, whose m averages d g: there the outside part enters at d (1 - b1^t), dense m's
+weight for a gradient that persists (-3.5%, -7.0%). ADOPT and CAME keep the EMA alone: for ADOPT
+the transcription was mixed (+0.6%, -3.4%); for CAME it helped (small GPT -1.8%) but CAME's
+confidence factor, which compares m with u, multiplied the added part unchecked: on sparse
+gradients weights moved up to 23x as far as dense CAME's (tests/test_bounds.py).
 
 Which sketch ([M4]): oversampling=0, power_iters=0. With the EMA alone, no power iteration matched
 or beat one at rank 4 on every task and no oversampling was best or tied; with full_weight_outside
@@ -648,7 +652,7 @@ class _MLorcOptimizer(torch.optim.Optimizer):
 
     def _outside(self, g, state, group):
         """The part of g where the previous m~ holds no history (outside_kept), for the variants with
-        full_weight_outside (AdamW, Lion) when it is on and m is factored; otherwise None."""
+        full_weight_outside (all but ADOPT and CAME) when it is on and m is factored; otherwise None."""
         if not group["full_weight_outside"] or "exp_avg_U" not in state:
             return None
         return outside_kept(g, state["exp_avg_U"], state["exp_avg_Vh"])
@@ -959,6 +963,8 @@ class MLorc_Prodigy(_AdaptiveStepSize):
         lr (default 1.0), betas (default (0.9, 0.999)), beta3 (default None: sqrt(b2)), eps (1e-8),
         weight_decay (0), decouple (True), use_bias_correction (False), safeguard_warmup (False),
         d0 (1e-6), d_coef (1.0), growth_rate (inf), slice_p (int >= 1, default 11).
+        full_weight_outside (bool, default True): as MLorc_AdamW's; the part of g outside m~'s
+            spaces enters m at d (1 - b1^t), the weight dense Prodigy's m gives a gradient that persists.
         use_atan2: atan2(m, sqrt(v)) replaces the division (eps unused).
     With the fused backward pass call optimizer.end_step() after each backward().
     State: step, exp_avg*, exp_avg_sq* (factored for matrices), s, p0; groups hold d, d_max, k, ...
@@ -969,12 +975,13 @@ class MLorc_Prodigy(_AdaptiveStepSize):
 
     def __init__(self, params, lr=1.0, betas=(0.9, 0.999), beta3=None, eps=1e-8, weight_decay=0.0,
                  decouple=True, use_bias_correction=False, safeguard_warmup=False, d0=1e-6,
-                 d_coef=1.0, growth_rate=float("inf"), slice_p=11, **options):
+                 d_coef=1.0, growth_rate=float("inf"), slice_p=11, full_weight_outside=True, **options):
         super().__init__(params, dict(
             lr=lr, betas=tuple(betas), beta3=beta3, eps=eps, weight_decay=weight_decay,
             decouple=decouple, use_bias_correction=use_bias_correction,
             safeguard_warmup=safeguard_warmup, d0=d0, d_coef=d_coef, growth_rate=growth_rate,
-            slice_p=slice_p, d=d0, d_max=d0, d_numerator=0.0, k=0), **options)
+            slice_p=slice_p, full_weight_outside=full_weight_outside, d=d0, d_max=d0, d_numerator=0.0,
+            k=0), **options)
 
     def _init_extra(self, p, group):
         p0 = subsample(p, group["slice_p"]).to(state_dtype(p), copy=True)
@@ -998,10 +1005,12 @@ class MLorc_Prodigy(_AdaptiveStepSize):
         terms = total(torch.stack([numerator, s.abs().sum()]))
         m = prev["exp_avg"] * b1 + g * (d * (1 - b1))                                      # [M3]
         v = prev["exp_avg_sq"] * b2 + g * g * (d * d * (1 - b2))
+        outside = self._outside(g, state, group)       # at d (1 - b1^t), dense m's for a steady g
+        used = m if outside is None else m + outside * (d * (b1 - b1 ** step))
         if group["use_atan2"]:
-            direction = ATAN2_SCALE * torch.atan2(m, v.sqrt())                             # [M6]
+            direction = ATAN2_SCALE * torch.atan2(used, v.sqrt())                          # [M6]
         else:
-            direction = m / (v.sqrt() + d * group["eps"])
+            direction = used / (v.sqrt() + d * group["eps"])
         if "exp_avg_U" in state:                    # m and v average the same d_k g_k: Adam's bound
             direction = clamp_ratio(direction, adam_ratio_bound(step, b1, b2), group["use_atan2"])
         return direction, dlr, {"exp_avg": m, "exp_avg_sq": v, "s": s, "terms": terms}
@@ -1032,6 +1041,7 @@ class MLorc_DAdapt_Lion(_AdaptiveStepSize):
     s stays dense but sub-sampled (every slice_p-th entry; slice_p=1 is dadaptation's exact rule).
         lr (default 1.0), betas (default (0.9, 0.99)), weight_decay (p *= 1 - d lr wd, default 0),
         d0 (1e-6), slice_p (int >= 1, default 11), clip_threshold (float or None, default None).
+        full_weight_outside (bool, default True): as MLorc_Lion's.
         use_atan2 and use_grams are rejected, as for Lion.
     With the fused backward pass call optimizer.end_step() after each backward().
     State: step, exp_avg* (factored for matrices), s; groups hold d, k, numerator_weighted.
@@ -1039,9 +1049,10 @@ class MLorc_DAdapt_Lion(_AdaptiveStepSize):
     sign_based = True
 
     def __init__(self, params, lr=1.0, betas=(0.9, 0.99), weight_decay=0.0, d0=1e-6, slice_p=11,
-                 clip_threshold=None, **options):
+                 clip_threshold=None, full_weight_outside=True, **options):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, d0=d0,
-                                      slice_p=slice_p, clip_threshold=clip_threshold, d=d0, k=0,
+                                      slice_p=slice_p, clip_threshold=clip_threshold,
+                                      full_weight_outside=full_weight_outside, d=d0, k=0,
                                       numerator_weighted=0.0), **options)
 
     def _direction(self, p, g, prev, state, group, step):
@@ -1049,7 +1060,7 @@ class MLorc_DAdapt_Lion(_AdaptiveStepSize):
         b1, b2 = group["betas"]
         dlr, sqrt_b2 = self._global("d") * self._global("lr"), math.sqrt(b2)
         g = clip_by_norm(g, group["clip_threshold"])
-        d = lion_direction(prev["exp_avg"], g, b1)                                         # [M6]
+        d = lion_direction(prev["exp_avg"], g, b1, self._outside(g, state, group))         # [M6]
         d_slice = subsample(d, group["slice_p"])
         numerator = dlr * (d_slice.reshape(-1) @ state["s"].reshape(-1))
         s = state["s"] * sqrt_b2 + d_slice * ((1 - sqrt_b2) * dlr)

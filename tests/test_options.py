@@ -161,6 +161,36 @@ def test_full_weight_outside_lion(rank, on, float64):
     close(p, [[-2.0, 0.0], [0.0, -2.0]] if on and rank == 1 else [[-2.0, -2.0], [-2.0, -2.0]])
 
 
+@pytest.mark.parametrize("rank", [None, 1, 2], ids=["dense", "rank1", "full_rank"])
+@pytest.mark.parametrize("on", [False, True])
+def test_full_weight_outside_prodigy(rank, on, float64):
+    # Prodigy, d0 0.1, lr 1, betas (0.5, 0.9), eps 0, the same G1 and G2 at rank 1. d stays 0.1 through
+    # step 2 (step 1's term of the estimate, g (p0 - p), is 0), so d lr = 0.1:
+    #   step 1: m1 = d (1 - b1) G1 = 0.15, v1 = d^2 (1 - b2) G1^2 = 0.009, d1 = 0.15 / sqrt(0.009) (dense
+    #           Adam's bound at step 1, reached, not exceeded): p1 = -0.1 d1
+    #   step 2: m2 = b1 m1 + d (1 - b1) G2 = 0.075 + 0.05 G2, v2 = 0.9 v1 + 0.001 G2^2 = 0.0091
+    #     with: G2 (outside) at d (1 - b1^2) = 0.075, dense m's weight for a gradient that persists, not
+    #           d (1 - b1) = 0.05: m = 0.075 + 0.075 G2
+    #   p2 = p1 - 0.1 m / sqrt(v2) (|m| / sqrt(v2) <= 1.58, below the step-2 bound 1.79: no clamp)
+    p, _ = run(mlorc.MLorc_Prodigy, ZERO, [G1_RANK1, G2_OUTSIDE], rank=rank, lr=1.0, d0=0.1,
+               betas=(0.5, 0.9), eps=0.0, weight_decay=0.0, slice_p=1, full_weight_outside=on)
+    weight = 0.075 if on and rank == 1 else 0.05
+    p1 = -0.1 * 0.15 / math.sqrt(0.009)
+    close(p, [[p1 - 0.1 * (0.075 + weight * x) / math.sqrt(0.0091) for x in row] for row in G2_OUTSIDE])
+
+
+@pytest.mark.parametrize("rank", [None, 1, 2], ids=["dense", "rank1", "full_rank"])
+@pytest.mark.parametrize("on", [False, True])
+def test_full_weight_outside_dadapt_lion(rank, on, float64):
+    # D-Adapt Lion, d0 1 (it stays 1 through step 2: step 1's numerator term uses s = 0), lr 1, betas
+    # (0.5, 0.5): Lion's computation above, the momentum accumulating d lr g = g:
+    #   step 1: d1 = 1 everywhere, p1 = -1, m1 = 1.5;  step 2: sign(0.75 + 0.5 G2) = 1, or with G2
+    #   (outside) at weight 1, sign(0.75 + G2) = [[1, -1], [-1, 1]]
+    p, _ = run(mlorc.MLorc_DAdapt_Lion, ZERO, [G1_RANK1, G2_OUTSIDE], rank=rank, lr=1.0, d0=1.0,
+               betas=(0.5, 0.5), slice_p=1, full_weight_outside=on)
+    close(p, [[-2.0, 0.0], [0.0, -2.0]] if on and rank == 1 else [[-2.0, -2.0], [-2.0, -2.0]])
+
+
 @pytest.mark.parametrize("shape", [(6, 10), (10, 6), (4, 3, 2)])
 def test_outside_kept_is_the_part_outside_both_spaces(shape, float64):
     gen = torch.Generator().manual_seed(0)
@@ -466,7 +496,7 @@ def invalid_hyperparameters(cls):
         cases += [("d_coef", 0.0), ("growth_rate", 0.0), ("growth_rate", -1.0), ("d_coef", "1")]
     if cls in LION or cls is mlorc.MLorc_CAME:
         cases += [("clip_threshold", 0.0), ("clip_threshold", -1.0), ("clip_threshold", "1.0")]
-    if cls in (mlorc.MLorc_AdamW, mlorc.MLorc_Lion):
+    if cls not in (mlorc.MLorc_Adopt, mlorc.MLorc_CAME):
         cases += [("full_weight_outside", 1), ("full_weight_outside", "yes"), ("full_weight_outside", None)]
     return cases
 

@@ -143,8 +143,8 @@ def test_state_dict_call_does_not_change_the_run(name):
 def test_state_dict_without_newer_options_loads_and_steps(name):
     # a run of a version before these options existed: no OrthoGrad, and one power iteration (the
     # first release's sketch, which today's default no longer is)
-    # and, for AdamW and Lion, the direction without full_weight_outside
-    before = dict(full_weight_outside=False) if name in ("AdamW", "Lion") else {}
+    # and, for the variants that have it, the direction without full_weight_outside
+    before = dict(full_weight_outside=False) if name in ("AdamW", "Lion", "Prodigy", "DAdapt_Lion") else {}
     params_a = make_params()
     opt_a = make_opt(name, params_a, **LOW_RANK, power_iters=1, **before)
     run(opt_a, params_a, 5)
