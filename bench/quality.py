@@ -28,8 +28,10 @@ not 1 - b1, in the direction: the one-sided form of full_weight_outside). MLorc_
 "+outside" (full_weight_outside=True, the default since it was measured here) and "+ema" (False,
 the direction from the EMA m_t alone, as before). "+lion" runs MLorc_Lion with the EMA alone,
 "+lionoutside" with the same full weight outside m~'s spaces (its default since it was measured
-here); "+adopt", "+adoptoutside": the same for MLorc_Adopt (a candidate class), and so for
-"+prodigy", "+prodigyoutside", "+dadaptlion", "+dadaptlionoutside", "+came", "+cameoutside"; the base "dense"
+here); "+adopt", "+adoptoutside": the same for MLorc_Adopt (a candidate class), "+came",
+"+cameoutside" for MLorc_CAME (a candidate class), and "+prodigy", "+prodigyoutside",
+"+dadaptlion", "+dadaptlionoutside" for MLorc_Prodigy and MLorc_DAdapt_Lion (their option, measured
+here as candidate classes with the same arithmetic at 615357a, their default since); the base "dense"
 gives the class dense moments (rank None: "dense+lion" is Lion). The other classes are pure
 PyTorch: run them with MLORC_EXTENSION=0. Four suffixes change the param groups instead
 (parse_config): "+vecK", "+wdK", "+smalldense", "+denseemb"; "+betaX" sets betas = (X, 0.999), for
@@ -264,49 +266,6 @@ class AdoptOutside(mlorc.MLorc_Adopt):
         return (d if outside is None else d + b1 * outside), lr, new
 
 
-class ProdigyOutside(mlorc.MLorc_Prodigy):
-    """Candidate: MLorc_Prodigy's m = b1 m~ + (1 - b1) d g with the part of g outside both spaces of
-    m~ at dense Prodigy's weight in the step: d (1 - b1^t), where m_t gives it d (1 - b1), so
-    d (b1 - b1^t) is added (as MLorc_AdamW's full_weight_outside before its bias correction). The
-    stored m and the d estimate are Prodigy's. Pure PyTorch, through the plain step."""
-
-    def __init__(self, params, **options):
-        super().__init__(params, **{**options, "batch_bytes": 0})
-
-    def _direction(self, p, g, prev, state, group, step):
-        d, lr, new = super()._direction(p, g, prev, state, group, step)
-        outside = self._outside(g, state, {**group, "full_weight_outside": True})
-        if outside is None:
-            return d, lr, new
-        (b1, b2), dist = group["betas"], self._scalars()[0]
-        used = new["exp_avg"] + dist * (b1 - b1 ** step) * outside
-        d = mlorc.clamp_ratio(used / (new["exp_avg_sq"].sqrt() + dist * group["eps"]),
-                              mlorc.adam_ratio_bound(step, b1, b2), False)
-        return d, lr, new
-
-
-class DAdaptLionOutside(mlorc.MLorc_DAdapt_Lion):
-    """Candidate: MLorc_DAdapt_Lion's sign(b1 m~ + (1 - b1) g) with the part of g outside both spaces
-    of m~ at weight 1, as MLorc_Lion's full_weight_outside (its d estimate then sees that direction).
-    MLorc_DAdapt_Lion._direction written again with the outside part. Pure PyTorch, plain step."""
-
-    def __init__(self, params, **options):
-        super().__init__(params, **{**options, "batch_bytes": 0})
-
-    def _direction(self, p, g, prev, state, group, step):
-        b1, b2 = group["betas"]
-        dlr, sqrt_b2 = self._global("d") * self._global("lr"), math.sqrt(b2)
-        g = mlorc.clip_by_norm(g, group["clip_threshold"])
-        outside = self._outside(g, state, {**group, "full_weight_outside": True})
-        d = mlorc.lion_direction(prev["exp_avg"], g, b1, outside)
-        d_slice = mlorc.subsample(d, group["slice_p"])
-        numerator = dlr * (d_slice.reshape(-1) @ state["s"].reshape(-1))
-        s = state["s"] * sqrt_b2 + d_slice * ((1 - sqrt_b2) * dlr)
-        terms = mlorc.total(torch.stack([numerator, s.abs().sum()]))
-        m = prev["exp_avg"] * b2 + g * ((1 - b2) * dlr)
-        return d, dlr, {"exp_avg": m, "s": s, "terms": terms}
-
-
 class CAMEOutside(mlorc.MLorc_CAME):
     """Candidate: MLorc_CAME's m = b1 m~ + (1 - b1) u (u: g normalized by CAME's factored second
     moment) with the part of u outside both spaces of m~ at dense CAME's weight in the step,
@@ -348,10 +307,10 @@ OPTIONS = {        # "+name" suffixes of a configuration -> (class, extra keywor
     "lionoutside": (mlorc.MLorc_Lion, {"full_weight_outside": True}),     # MLorc_Lion's default now
     "adopt": (mlorc.MLorc_Adopt, {}),
     "adoptoutside": (AdoptOutside, {}),
-    "prodigy": (mlorc.MLorc_Prodigy, {}),
-    "prodigyoutside": (ProdigyOutside, {}),
-    "dadaptlion": (mlorc.MLorc_DAdapt_Lion, {}),
-    "dadaptlionoutside": (DAdaptLionOutside, {}),
+    "prodigy": (mlorc.MLorc_Prodigy, {"full_weight_outside": False}),        # as measured, before it
+    "prodigyoutside": (mlorc.MLorc_Prodigy, {"full_weight_outside": True}),  # MLorc_Prodigy's default now
+    "dadaptlion": (mlorc.MLorc_DAdapt_Lion, {"full_weight_outside": False}),
+    "dadaptlionoutside": (mlorc.MLorc_DAdapt_Lion, {"full_weight_outside": True}),  # its default now
     "came": (mlorc.MLorc_CAME, {}),
     "cameoutside": (CAMEOutside, {}),
 }
