@@ -1005,8 +1005,8 @@ class MLorc_Prodigy(_AdaptiveStepSize):
         terms = total(torch.stack([numerator, s.abs().sum()]))
         m = prev["exp_avg"] * b1 + g * (d * (1 - b1))                                      # [M3]
         v = prev["exp_avg_sq"] * b2 + g * g * (d * d * (1 - b2))
-        outside = self._outside(g, state, group)       # at d (1 - b1^t), dense m's for a steady g
-        used = m if outside is None else m + outside * (d * (b1 - b1 ** step))
+        outside = self._outside(g, state, group)   # [M6] at d (1 - b1^t): dense m's weight for a g
+        used = m if outside is None else m + outside * (d * (b1 - b1 ** step))          # that persists
         if group["use_atan2"]:
             direction = ATAN2_SCALE * torch.atan2(used, v.sqrt())                          # [M6]
         else:
@@ -1620,7 +1620,7 @@ class FusedMoments:
         X, products, k = X.unbind(0), [], 0
         while k < len(self.moments):
             A, V = self.moments[k], self.moments[k + 1] if k + 1 < len(self.moments) else None
-            if V is not None and V.g is A.g and not A.squared and A.shift is None and V.squared:
+            if V is not None and V.g is A.g and not A.squared and A.shift is None and V.squared:  # m, v
                 products += torch.ops.mlorc.moment_pair_matmul(*A.old, *V.old, A.g, A.beta, V.beta, V.shift,
                                                                X[k], X[k + 1], self.transposed)
                 k += 2

@@ -281,9 +281,11 @@ class CAMEOutside(mlorc.MLorc_CAME):
         if "exp_avg_U" not in state or "exp_avg_res_row" not in new:
             return d, lr, new
         b1 = group["betas"][0]
-        bound = torch.minimum(state["exp_avg_bound_row"].unsqueeze(-1), state["exp_avg_bound_col"].unsqueeze(-2)) \
-            if "exp_avg_bound_row" in state else None
-        m_prev = prev["exp_avg"] if bound is None else torch.minimum(torch.maximum(prev["exp_avg"], -bound), bound)
+        m_prev = prev["exp_avg"]
+        if "exp_avg_bound_row" in state:                  # clamped as came_direction clamps it
+            bound = torch.minimum(state["exp_avg_bound_row"].unsqueeze(-1),
+                                  state["exp_avg_bound_col"].unsqueeze(-2))
+            m_prev = torch.minimum(torch.maximum(m_prev, -bound), bound)
         u = (new["exp_avg"] - m_prev * b1) / (1 - b1)
         outside = self._outside(u, state, {**group, "full_weight_outside": True})
         if outside is None:

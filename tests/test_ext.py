@@ -182,7 +182,8 @@ def _test_moment_pair_matmul(ops, device):
     shapes = [(12, 10), (300, 100), (5000, 64), (40, 33), (7, 50), (1, 20)]
     for (rows, cols), (width, r) in itertools.product(shapes, [(3, 2), (4, 4), (6, 4), (11, 7)]):
         gen = torch.Generator().manual_seed(rows + width)
-        m_old, v_old = ([t.to(device) for t in (torch.randn(rows, r, generator=gen), torch.rand(r, generator=gen),
+        m_old, v_old = ([t.to(device) for t in (torch.randn(rows, r, generator=gen),
+                                                torch.rand(r, generator=gen),
                                                 torch.randn(r, cols, generator=gen))] for _ in range(2))
         g = torch.randn(rows, cols, generator=gen).to(device)
         for shift in (None, ops.negative_mean(*v_old)):
@@ -206,7 +207,8 @@ def _test_kept_products(ops, device):
     shapes = [(12, 10), (7, 50), (1, 20), (0, 5), (5000, 64), (300, 33)]
     for (rows, cols), r in itertools.product(shapes, [1, 4, 5, 17]):
         gen = torch.Generator().manual_seed(rows + r)
-        g, U, Vh = (torch.randn(*shape, generator=gen).to(device) for shape in [(rows, cols), (rows, r), (r, cols)])
+        g, U, Vh = (torch.randn(*shape, generator=gen).to(device)
+                    for shape in [(rows, cols), (rows, r), (r, cols)])
         UtG, GV = ops.kept_products(g, U, Vh)
         assert UtG.shape == (r, cols) and GV.shape == (rows, r)
         assert ((UtG - U.mT @ g).abs() <= 1e-5 * (U.mT.abs() @ g.abs())).all()
@@ -217,7 +219,7 @@ def test_kept_products_do_not_depend_on_the_thread_count(ext):
     """U^T g is summed over fixed row ranges, whichever thread runs them: the same bits at any thread
     count (as moment_matmul's A^T X)."""
     gen = torch.Generator().manual_seed(2)
-    g, U, Vh = torch.randn(5000, 64, generator=gen), torch.randn(5000, 4, generator=gen), torch.randn(4, 64, generator=gen)
+    g, U, Vh = (torch.randn(*shape, generator=gen) for shape in [(5000, 64), (5000, 4), (4, 64)])
     products = [torch.cat([UtG.flatten(), GV.flatten()]) for _ in at_thread_counts(1, 2, 3)
                 for UtG, GV in [ext.kept_products(g, U, Vh)]]
     assert all(torch.equal(products[0], other) for other in products[1:])
