@@ -334,19 +334,15 @@ def kept_part(g, U, Vh):
     if spans_a_side(U, shape[0], math.prod(shape[1:])):
         return None
     G = g.reshape(g.shape[0], math.prod(g.shape[1:]))      # this rank's block where p is split
-    return kept_factors(U, Vh, reduce_matmul(U.mT, G, over=0), reduce_matmul(G, Vh.mT, over=-1))
+    UtG, GV = reduce_matmul(U.mT, G, over=0), reduce_matmul(G, Vh.mT, over=-1)
+    UtGV = reduce_matmul(UtG, Vh.mT, over=-1)               # (r, r)
+    return torch.cat([U, GV - U @ UtGV], dim=-1), torch.cat([UtG, Vh], dim=-2)
 
 
 def spans_a_side(U, rows, cols):
     """Whether m's factors span a whole side of the (rows, cols) matrix (a full-rank moment), so
     that no part of g lies outside them."""
     return U.shape[-1] >= min(rows, cols)
-
-
-def kept_factors(U, Vh, UtG, GV):
-    """kept_part's (L, R) from g's two products with the factors, U^T g (r, cols) and g Vh^T (rows, r)."""
-    UtGV = reduce_matmul(UtG, Vh.mT, over=-1)               # (r, r)
-    return torch.cat([U, GV - U @ UtGV], dim=-1), torch.cat([UtG, Vh], dim=-2)
 
 
 def outside_kept(g, U, Vh):
@@ -1159,15 +1155,19 @@ def check_grads(opt, params, groups):
             raise RuntimeError(f"{name}: parameter {index}'s gradient is not split like the "
                                "parameter (expected a DTensor with the same placements)")
         by_device.setdefault((p.grad.device, shards.group), []).append((index, p, shards))
-    for (_, process_group), items in by_device.items():
-        usable = torch.stack([_within(shards.local(p.grad), grad_limit(opt, p)) for _, p, shards in items])
+    for (device, process_group), items in by_device.items():
+        # each gradient's min and max (one pass each), then every comparison in a few calls for all;
+        # stack promotes the pairs to the widest gradient dtype, in which the limits are compared
+        extremes = torch.stack([_extremes(shards.local(p.grad)) for _, p, shards in items])
+        limits = torch.tensor([grad_limit(opt, p) for _, p, _ in items], dtype=extremes.dtype, device=device)
+        usable = (torch.isfinite(extremes) & (extremes.abs() < limits.unsqueeze(-1))).all(-1)
         if process_group is not None:         # every rank must raise, or the others would hang
             usable = all_ranks(usable, process_group)
         for (index, p, shards), ok in zip(items, usable.tolist()):
             if ok:
                 continue
             where, g = f"{name}: parameter {index} (shape {tuple(p.shape)})", shards.local(p.grad)
-            if shards.group is None and _within(g, math.inf):
+            if shards.group is None and torch.isfinite(_extremes(g)).all():
                 raise RuntimeError(f"{where} has gradient entries up to {g.abs().max().item():.3g}, "
                                    f"whose squares overflow {state_dtype(p)} (|g| must stay below "
                                    f"{grad_limit(opt, p):.3g}); parameters and state are unchanged")
@@ -1182,14 +1182,12 @@ def grad_limit(opt, p):
     return math.inf if opt.sign_based else math.sqrt(torch.finfo(state_dtype(p)).max)
 
 
-def _within(g, limit):
-    """Whether every entry of g is finite and below `limit` in magnitude, as a 0-dim bool tensor (no
-    host sync). aminmax is one pass with no full-size temporaries (isfinite(g).all() makes several)
-    and propagates NaN."""
+def _extremes(g):
+    """g's smallest and largest entries as a pair (zeros for an empty g), with no host sync. aminmax
+    is one pass with no full-size temporaries (isfinite(g).all() makes several) and propagates NaN."""
     if g.numel() == 0:
-        return torch.ones((), dtype=torch.bool, device=g.device)
-    extremes = torch.stack(torch.aminmax(g))
-    return (torch.isfinite(extremes) & (extremes.abs() < limit)).all()
+        return torch.zeros(2, dtype=g.dtype, device=g.device)
+    return torch.stack(torch.aminmax(g))
 
 
 def _warn_if_trainer_clips():
@@ -1421,13 +1419,13 @@ def adamw_fused(opt, p, g, state, group, step):
 def fused_outside_args(G, m_old, group, weight):
     """The fused ops' optional last arguments for full_weight_outside: kept_part of the matrix G for
     m's old factors as (kept_U, kept_Vh), and the weight w of g - kept; () when it is off or nothing
-    is outside. The two thin products with g, U^T g and g Vh^T, come from mlorc::kept_products in
-    one pass over g on the CPU (BLAS runs such thin products at a fraction of its rate: bench/step.py
-    prints it)."""
+    is outside. mlorc::kept_part forms the two thin products with g, U^T g and g Vh^T, in one pass
+    over g on the CPU (BLAS runs such thin products at a fraction of its rate: bench/step.py prints
+    it), and the factors from them."""
     U, _, Vh = m_old
     if not group["full_weight_outside"] or spans_a_side(U, *G.shape):
         return ()
-    return (*kept_factors(U, Vh, *torch.ops.mlorc.kept_products(G, U, Vh)), weight)
+    return (*torch.ops.mlorc.kept_part(G, U, Vh), weight)
 
 
 def lion_fused(opt, p, g, state, group, step):

@@ -523,7 +523,7 @@ void pair_accumulate_rows(const NewMoment& M, const NewMoment& V, const float* X
 }
 
 // ---------------------------------------------------------------------------------------------------
-// kept_products' loop
+// kept_part's loop
 
 // rows [begin, end) of g (rows of cols floats): g Vh^T into gv (rows, r) and the rows' share of U^T g
 // added into utg (round_up8(r), stride), in one pass over g, two rows at a time. For each block of

@@ -525,52 +525,70 @@ std::tuple<at::Tensor, at::Tensor> moment_pair_matmul_apart(
 }
 
 // ---------------------------------------------------------------------------------------------------
-// kept_products: (U^T grad, grad Vh^T), the two thin products with g that kept_part needs
-// (full_weight_outside), in one pass over grad instead of one each. Python twin: (U.mT @ grad,
-// grad @ Vh.mT). Other devices take kept_products_matmul.
+// kept_part: the part of grad inside the column or the row space of m's factors (full_weight_outside),
+// as factors (L, R) with that part = L @ R: L = [U, g Vh^T - U (U^T g Vh^T)] (m, 2r), R = [U^T g; Vh]
+// (2r, n). The two thin products with g come from one pass over it; the rest is r x r work and
+// copies, written here rather than as a handful of small torch calls per matrix. Python twin:
+// mlorc.kept_part. Other devices take kept_part_matmul.
 
-void check_kept_products_args(const at::Tensor& grad, const at::Tensor& U, const at::Tensor& Vh) {
-  TORCH_CHECK(grad.dim() == 2, "mlorc: kept_products' grad must be a matrix");
+void check_kept_part_args(const at::Tensor& grad, const at::Tensor& U, const at::Tensor& Vh) {
+  TORCH_CHECK(grad.dim() == 2, "mlorc: kept_part's grad must be a matrix");
   const at::Tensor ones = at::ones({U.dim() == 2 ? U.size(1) : 0}, grad.options());
-  check_factors(U, ones, Vh, grad.size(0), grad.size(1), "kept_products");
+  check_factors(U, ones, Vh, grad.size(0), grad.size(1), "kept_part");
   check_dense(grad, grad.size(0), grad.size(1), "grad");
 }
 
-std::tuple<at::Tensor, at::Tensor> kept_products_cpu(const at::Tensor& grad, const at::Tensor& U,
-                                                     const at::Tensor& Vh) {
-  check_kept_products_args(grad, U, Vh);
+std::tuple<at::Tensor, at::Tensor> kept_part_cpu(const at::Tensor& grad, const at::Tensor& U,
+                                                 const at::Tensor& Vh) {
+  check_kept_part_args(grad, U, Vh);
   const int64_t rows = grad.size(0), cols = grad.size(1), r = U.size(1);
   const int64_t r8 = round_up8(r), b = block_rows(cols), blocks = count_blocks(rows, cols);
   const at::Tensor vh = padded_copy(Vh, r8, round_up16(cols));
   const int64_t stride = vh.size(1);
-  at::Tensor gv = at::empty({rows, r}, grad.options());
-  // U^T g sums over all rows: in a fixed number of row ranges, each into its own partial, added in
-  // range order (as moment_matmul's A^T X), so the thread count does not change the result
+  // g Vh^T, row by row, and U^T g, summed over all rows: in a fixed number of row ranges, each into
+  // its own partial, added in range order (as moment_matmul's A^T X), so the thread count does not
+  // change the result
+  std::vector<float> gv(rows * r);
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(blocks, 8));
   std::vector<float> partial(parts * r8 * stride, 0.f);
+  const float *u = U.data_ptr<float>(), *vh_in = Vh.data_ptr<float>();
   const auto kept = MLORC_ROWS(kept_rows);
   parallel_for_matrix(parts, blocks, [&](int64_t first, int64_t last) {
     for (int64_t q = first; q < last; ++q) {
       const int64_t begin = q * blocks / parts * b, end = std::min(rows, (q + 1) * blocks / parts * b);
-      kept(U.data_ptr<float>(), vh.data_ptr<float>(), r, stride, grad.data_ptr<float>(), cols, begin, end,
-           gv.data_ptr<float>(), partial.data() + q * r8 * stride);
+      kept(u, vh.data_ptr<float>(), r, stride, grad.data_ptr<float>(), cols, begin, end, gv.data(),
+           partial.data() + q * r8 * stride);
     }
   });
-  at::Tensor utg = at::empty({r, cols}, grad.options());
-  float* out = utg.data_ptr<float>();
-  for (int64_t k = 0; k < r; ++k)
+  at::Tensor L = at::empty({rows, 2 * r}, grad.options()), R = at::empty({2 * r, cols}, grad.options());
+  float *l = L.data_ptr<float>(), *rr = R.data_ptr<float>();
+  for (int64_t k = 0; k < r; ++k)                       // R = [U^T g; Vh]
     for (int64_t j = 0; j < cols; ++j) {
       float sum = partial[k * stride + j];
       for (int64_t q = 1; q < parts; ++q) sum += partial[(q * r8 + k) * stride + j];
-      out[k * cols + j] = sum;
+      rr[k * cols + j] = sum;
+      rr[(r + k) * cols + j] = vh_in[k * cols + j];
     }
-  return {utg, gv};
+  std::vector<float> utgv(r * r, 0.f);                  // U^T g Vh^T (r, r)
+  for (int64_t k = 0; k < r; ++k)
+    for (int64_t c = 0; c < r; ++c)
+      for (int64_t j = 0; j < cols; ++j) utgv[k * r + c] += rr[k * cols + j] * vh_in[c * cols + j];
+  for (int64_t i = 0; i < rows; ++i)                    // L = [U, g Vh^T - U (U^T g Vh^T)]
+    for (int64_t c = 0; c < r; ++c) {
+      float projected = 0.f;
+      for (int64_t k = 0; k < r; ++k) projected += u[i * r + k] * utgv[k * r + c];
+      l[i * 2 * r + c] = u[i * r + c];
+      l[i * 2 * r + r + c] = gv[i * r + c] - projected;
+    }
+  return {L, R};
 }
 
-std::tuple<at::Tensor, at::Tensor> kept_products_matmul(const at::Tensor& grad, const at::Tensor& U,
-                                                        const at::Tensor& Vh) {
-  check_kept_products_args(grad, U, Vh);
-  return {at::mm(U.t(), grad), at::mm(grad, Vh.t())};
+std::tuple<at::Tensor, at::Tensor> kept_part_matmul(const at::Tensor& grad, const at::Tensor& U,
+                                                    const at::Tensor& Vh) {
+  check_kept_part_args(grad, U, Vh);
+  const at::Tensor UtG = at::mm(U.t(), grad);
+  const at::Tensor GV_kept = at::mm(grad, Vh.t()) - at::mm(U, at::mm(UtG, Vh.t()));
+  return {at::cat({U, GV_kept}, 1), at::cat({UtG, Vh}, 0)};
 }
 
 TORCH_LIBRARY(mlorc, m) {
@@ -602,7 +620,7 @@ TORCH_LIBRARY(mlorc, m) {
       "moment_pair_matmul(Tensor mU, Tensor ms, Tensor mVh, Tensor vU, Tensor vs, Tensor vVh, "
       "Tensor grad, float beta1, float beta2, Tensor? shift, Tensor X_m, Tensor X_v, "
       "bool transposed) -> (Tensor, Tensor)");
-  m.def("kept_products(Tensor grad, Tensor U, Tensor Vh) -> (Tensor, Tensor)");
+  m.def("kept_part(Tensor grad, Tensor U, Tensor Vh) -> (Tensor, Tensor)");
 }
 
 // Meta kernels: shapes only, so FakeTensor tracing (torch.compile, opcheck) works.
@@ -656,14 +674,14 @@ TORCH_LIBRARY_IMPL(mlorc, CPU, m) {
   m.impl("lion_update_", &lion_update<lion_cpu>);
   m.impl("moment_matmul", &moment_matmul_cpu);
   m.impl("moment_pair_matmul", &moment_pair_matmul_cpu);
-  m.impl("kept_products", &kept_products_cpu);
+  m.impl("kept_part", &kept_part_cpu);
 }
 
-// Every other device (CUDA, and Meta for shapes): two matmuls for kept_products, two moment_matmul
-// calls for moment_pair_matmul
+// Every other device (CUDA, and Meta for shapes): matmuls for kept_part, two moment_matmul calls for
+// moment_pair_matmul
 TORCH_LIBRARY_IMPL(mlorc, CompositeExplicitAutograd, m) {
   m.impl("moment_pair_matmul", &moment_pair_matmul_apart);
-  m.impl("kept_products", &kept_products_matmul);
+  m.impl("kept_part", &kept_part_matmul);
 }
 
 }  // namespace mlorc

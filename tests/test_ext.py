@@ -197,32 +197,41 @@ def _test_moment_pair_matmul(ops, device):
                     assert ((product - A @ X).abs() <= 1e-5 * (terms @ X.abs())).all()
 
 
-def _test_kept_products(ops, device):
-    """(U^T g, g Vh^T) in one pass, against the two matmuls, within the rounding bound of
-    _test_moment_matmul (each result a sum of n terms in another order, relative to the sum of their
-    magnitudes). Shapes: an odd number of rows (the CPU takes them in pairs, a lone last row with
-    weight 0 in U^T g), one row, no rows, columns not a multiple of 16 lanes, more row blocks than
-    the 8 ranges U^T g is summed in; ranks 1, 4 (the CPU's 4-term blocks) and 5 and 17 (8-term
-    blocks, a partial last one)."""
+def _test_kept_part(ops, device):
+    """kept_part's factors (L, R) = ([U, g Vh^T - U U^T g Vh^T], [U^T g; Vh]) against the Python
+    twin's expression: U and Vh copied exactly, the products within the rounding bound of _test_moment_matmul
+    relative to their terms' magnitudes (each a sum of many terms in another order). Shapes: an odd
+    number of rows (the CPU takes them in pairs, a lone last row with weight 0 in U^T g), one row,
+    no rows, columns not a multiple of 16 lanes, more row blocks than the 8 ranges U^T g is summed
+    in; ranks 1, 4 (the CPU's 4-term blocks) and 5 and 17 (8-term blocks, a partial last one);
+    factors orthonormal, as rsvd's (where the shape allows), and not."""
     shapes = [(12, 10), (7, 50), (1, 20), (0, 5), (5000, 64), (300, 33)]
-    for (rows, cols), r in itertools.product(shapes, [1, 4, 5, 17]):
+    for (rows, cols), r, orthonormal in itertools.product(shapes, [1, 4, 5, 17], [False, True]):
         gen = torch.Generator().manual_seed(rows + r)
         g, U, Vh = (torch.randn(*shape, generator=gen).to(device)
                     for shape in [(rows, cols), (rows, r), (r, cols)])
-        UtG, GV = ops.kept_products(g, U, Vh)
-        assert UtG.shape == (r, cols) and GV.shape == (rows, r)
-        assert ((UtG - U.mT @ g).abs() <= 1e-5 * (U.mT.abs() @ g.abs())).all()
-        assert ((GV - g @ Vh.mT).abs() <= 1e-5 * (g.abs() @ Vh.mT.abs())).all()
+        if orthonormal and r <= min(rows, cols):
+            U, Vh = torch.linalg.qr(U).Q.contiguous(), torch.linalg.qr(Vh.mT).Q.mT.contiguous()
+        L, R = ops.kept_part(g, U, Vh)
+        # mlorc.kept_part's expression (mlorc.kept_part itself gives None where U or Vh spans a side)
+        UtG = U.mT @ g
+        R_twin, L_twin = UtG, torch.cat([U, g @ Vh.mT - U @ (UtG @ Vh.mT)], dim=-1)
+        assert L.shape == (rows, 2 * r) and R.shape == (2 * r, cols)
+        assert torch.equal(L[:, :r], U) and torch.equal(R[r:], Vh)
+        utg_terms = U.mT.abs() @ g.abs()
+        assert ((R[:r] - R_twin).abs() <= 1e-5 * utg_terms).all()
+        terms = g.abs() @ Vh.mT.abs() + U.abs() @ (utg_terms @ Vh.mT.abs())
+        assert ((L[:, r:] - L_twin[:, r:]).abs() <= 1e-5 * terms).all()
 
 
-def test_kept_products_do_not_depend_on_the_thread_count(ext):
+def test_kept_part_does_not_depend_on_the_thread_count(ext):
     """U^T g is summed over fixed row ranges, whichever thread runs them: the same bits at any thread
     count (as moment_matmul's A^T X)."""
     gen = torch.Generator().manual_seed(2)
     g, U, Vh = (torch.randn(*shape, generator=gen) for shape in [(5000, 64), (5000, 4), (4, 64)])
-    products = [torch.cat([UtG.flatten(), GV.flatten()]) for _ in at_thread_counts(1, 2, 3)
-                for UtG, GV in [ext.kept_products(g, U, Vh)]]
-    assert all(torch.equal(products[0], other) for other in products[1:])
+    parts = [torch.cat([L.flatten(), R.flatten()]) for _ in at_thread_counts(1, 2, 3)
+             for L, R in [ext.kept_part(g, U, Vh)]]
+    assert all(torch.equal(parts[0], other) for other in parts[1:])
 
 
 def test_fused_moments_multiply_like_the_dense_stack(ext, device):
@@ -298,7 +307,7 @@ def _test_opcheck(ops, device):
         torch.library.opcheck(ops.moment_matmul, (*case["m"], g, 0.9, False, None, X, transposed))
         torch.library.opcheck(ops.moment_pair_matmul, (*case["m"], *case["v"], g, 0.9, 0.99, shift, X, X,
                                                        transposed))
-    torch.library.opcheck(ops.kept_products, (g, *(t.contiguous() for t in orthonormal_m(case))))
+    torch.library.opcheck(ops.kept_part, (g, *(t.contiguous() for t in orthonormal_m(case))))
 
 
 def _test_bad_shapes_raise(ops, device):
@@ -310,11 +319,11 @@ def _test_bad_shapes_raise(ops, device):
         ops.lion_step_(p.double(), case["g"].double(), *case["m"], torch.empty_like(p).double(), 0.9, 0.99,
                        1e-2, 0.0)
     with pytest.raises(RuntimeError, match="do not fit"):
-        ops.kept_products(case["g"], case["m"][0][:-1], case["m"][2])
+        ops.kept_part(case["g"], case["m"][0][:-1], case["m"][2])
 
 
 CHECKS = [_test_negative_mean, _test_adamw_step, _test_lion_step, _test_update_ops, _test_moment_matmul,
-          _test_moment_pair_matmul, _test_kept_products, _test_opcheck, _test_bad_shapes_raise]
+          _test_moment_pair_matmul, _test_kept_part, _test_opcheck, _test_bad_shapes_raise]
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda f: f.__name__[6:])
@@ -324,7 +333,7 @@ def test_ops_cpu(ext, check):
 
 @pytest.mark.parametrize("level", [0, 3])
 @pytest.mark.parametrize("check", [_test_negative_mean, _test_adamw_step, _test_lion_step, _test_update_ops,
-                                   _test_moment_matmul, _test_moment_pair_matmul, _test_kept_products],
+                                   _test_moment_matmul, _test_moment_pair_matmul, _test_kept_part],
                          ids=lambda f: f.__name__[6:])
 def test_ops_cpu_on_lower_instruction_sets(ext, check, level, monkeypatch):
     """The CPU row loops are compiled for AVX-512 (level 4), AVX2 (3) and baseline x86-64 (0), and

@@ -457,6 +457,31 @@ def test_large_gradients_below_the_limit_keep_everything_finite(name):
     assert all_finite(opt, params)
 
 
+def test_each_gradient_is_held_to_its_own_dtype_limit_in_a_mixed_dtype_step():
+    """The check stacks every gradient's extremes, promoted to the widest dtype, and compares each
+    with its own limit: a float64 gradient of 1e30 (its square fits float64) is taken beside float32
+    and bfloat16 ones, while a float32 gradient of 1e20 and a float64 one of 1e160 are refused."""
+    dtypes = (torch.float32, torch.bfloat16, torch.float64)
+    params = [torch.zeros(4, 3, dtype=dtype, requires_grad=True) for dtype in dtypes]
+    opt = mlorc.MLorc_AdamW(params, lr=1e-3, rank=2)
+
+    def set_grads(index=None, value=None):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        if index is not None:
+            params[index].grad[0, 0] = value
+    set_grads(2, 1e30)
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in params)
+    for index, value in [(0, 1e20), (2, 1e160)]:
+        set_grads(index, value)
+        before = [p.detach().clone() for p in params]
+        with pytest.raises(RuntimeError, match=rf"parameter {index} \(shape \(4, 3\)\) has gradient "
+                                               r"entries up to 1e\+[0-9]+, whose squares overflow"):
+            opt.step()
+        assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
 def test_came_state_saved_before_the_bounds_loads_and_steps():
     """CAME's exp_avg_bound_row/col are new: a state dict without them loads, and its next step
     bounds m~ by m~'s own row and column norms (no change beyond rounding), then keeps the bounds."""
