@@ -59,11 +59,11 @@ cost accumulates). An accurate sketch now costs little (-0.3%, -1.6%, -3.3%; it 
 Adam's (2.3-2.9x in norm along those runs), still within [M6]'s bound. At full rank nothing is
 outside, nor where the gradients stay in the kept spaces: the step is dense Adam's. MLorc_Lion's
 sign(b1 m~ + (1 - b1) g) has the same lean and the same default (against its EMA alone: small GPT
--0.5%, LLaMA -5.5%, encoder -6.8%), and so do MLorc_DAdapt_Lion's (-2.9%, -6.7%) and
+-0.5%, LLaMA -5.5%, encoder -6.8%), and so do MLorc_DAdapt_Lion's (-2.9%, -6.7%, -3.8%) and
 MLorc_Prodigy's, whose m averages d g: there the outside part enters at d (1 - b1^t), dense m's
-weight for a gradient that persists (-3.5%, -7.0%). ADOPT and CAME keep the EMA alone: for ADOPT
-the transcription was mixed (+0.6%, -3.4%); for CAME it helped (small GPT -1.8%) but CAME's
-confidence factor, which compares m with u, multiplied the added part unchecked: on sparse
+weight for a gradient that persists (-3.5%, -7.0%, -17.3%). ADOPT and CAME keep the EMA alone:
+for ADOPT the transcription was mixed (+0.6%, -3.4%); for CAME it helped (-1.8%, -6.6%) but
+CAME's confidence factor, which compares m with u, multiplied the added part unchecked: on sparse
 gradients weights moved up to 23x as far as dense CAME's (tests/test_bounds.py).
 
 Which sketch ([M4]): oversampling=0, power_iters=0. With the EMA alone, no power iteration matched
