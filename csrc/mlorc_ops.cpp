@@ -98,6 +98,30 @@ void for_row_blocks(int64_t rows, int64_t cols, int64_t scratch_floats, const Fn
   });
 }
 
+// A sum over all rows (A^T X, U^T g) is formed in a fixed number of row ranges of whole blocks, at
+// most kSumRanges, each into its own partial, and add_ranges adds the partials in range order: which
+// thread runs which range does not matter, so the result does not depend on the thread count.
+constexpr int64_t kSumRanges = 8;
+
+int64_t sum_ranges(int64_t rows, int64_t cols) { return std::min(count_blocks(rows, cols), kSumRanges); }
+
+// fn(range, begin, end) for each of sum_ranges(rows, cols) row ranges, ranges in parallel
+template <typename Fn>
+void for_sum_ranges(int64_t rows, int64_t cols, const Fn& fn) {
+  const int64_t b = block_rows(cols), blocks = count_blocks(rows, cols), parts = sum_ranges(rows, cols);
+  parallel_for_matrix(parts, blocks, [&](int64_t first, int64_t last) {
+    for (int64_t q = first; q < last; ++q)
+      fn(q, q * blocks / parts * b, std::min(rows, (q + 1) * blocks / parts * b));
+  });
+}
+
+// The partials of `parts` ranges, n floats each from `sums` on, added into the first in range order
+// (along its entries: contiguous adds)
+void add_ranges(float* sums, int64_t parts, int64_t n) {
+  for (int64_t q = 1; q < parts; ++q)
+    for (int64_t e = 0; e < n; ++e) sums[e] += sums[q * n + e];
+}
+
 // How many threads parallel_for_matrix runs a large matrix's blocks on. at::parallel_for is compiled
 // into this library: built without OpenMP it runs every block on the calling thread, so the tests
 // check this against torch.get_num_threads().
@@ -387,7 +411,6 @@ std::vector<at::Tensor> new_moments_matmul(const std::vector<NewMoment>& A, int6
   const bool pair = A.size() == 2;
   const int64_t cols = first.cols, r = first.old.r, width = X[0].size(1), stride = first.old.stride;
   const int64_t r_all = pair ? r + A[1].old.r : r;
-  const int64_t b = block_rows(cols), blocks = count_blocks(rows, cols);
   const int64_t padded_width = round_up8(width);      // X's columns, padded to the 8 summed at once
   std::vector<at::Tensor> out;
   if (!transposed) {
@@ -415,9 +438,8 @@ std::vector<at::Tensor> new_moments_matmul(const std::vector<NewMoment>& A, int6
     }
     return out;
   }
-  // A^T X sums over all rows: a fixed number of row ranges (not one per thread) each sum their own
-  // partial product, added in range order, so which thread runs which range does not matter.
-  const int64_t parts = std::min<int64_t>(blocks, 8);
+  // A^T X sums over all rows: in sum_ranges' row ranges, each into its own partial product
+  const int64_t parts = sum_ranges(rows, cols);
   if (parts == 0) {                                                     // no rows: A^T X is 0
     for (const at::Tensor& X_k : X) out.push_back(at::zeros({cols, width}, X_k.options()));
     return out;
@@ -425,8 +447,8 @@ std::vector<at::Tensor> new_moments_matmul(const std::vector<NewMoment>& A, int6
   std::vector<at::Tensor> Xp;
   for (const at::Tensor& X_k : X) Xp.push_back(padded_columns(X_k));
   const float *x = Xp[0].data_ptr<float>(), *x_v = Xp.back().data_ptr<float>();
-  // each range holds at least one block (parts <= blocks), whose rows write its partial first (so
-  // it needs no zeros), one partial per moment
+  // each range holds at least one block, whose rows write its partial first (so it needs no
+  // zeros), one partial per moment
   const int64_t size = padded_width * stride;
   const std::unique_ptr<float[]> partial(new float[A.size() * parts * size]);
   float *total = partial.get(), *total_v = partial.get() + (A.size() - 1) * parts * size;
@@ -434,27 +456,18 @@ std::vector<at::Tensor> new_moments_matmul(const std::vector<NewMoment>& A, int6
   std::vector<float> usx(parts * r * padded_width, 0.f);
   const auto accumulate = MLORC_ROWS(accumulate_rows);
   const auto accumulate_pair = MLORC_ROWS(pair_accumulate_rows);
-  parallel_for_matrix(parts, blocks, [&](int64_t first_part, int64_t last_part) {
+  for_sum_ranges(rows, cols, [&](int64_t q, int64_t begin, int64_t end) {
     std::vector<float> w(kRowBlock * r_all);
-    for (int64_t q = first_part; q < last_part; ++q) {
-      const int64_t begin = q * blocks / parts * b, end = std::min(rows, (q + 1) * blocks / parts * b);
-      if (pair)
-        accumulate_pair(first, A[1], x, x_v, width, begin, end, total + q * size, total_v + q * size,
-                        usx.data() + q * r * padded_width, w.data());
-      else
-        accumulate(first, x, width, begin, end, total + q * size, usx.data() + q * r * padded_width,
-                   w.data());
-    }
+    if (pair)
+      accumulate_pair(first, A[1], x, x_v, width, begin, end, total + q * size, total_v + q * size,
+                      usx.data() + q * r * padded_width, w.data());
+    else
+      accumulate(first, x, width, begin, end, total + q * size, usx.data() + q * r * padded_width, w.data());
   });
-  // the partials' sums, added in range order whichever thread ran which range (into the first
-  // one, along its rows: contiguous adds), then transposed
-  const auto add_ranges = [parts](float* sums, int64_t n) {
-    for (int64_t q = 1; q < parts; ++q)
-      for (int64_t e = 0; e < n; ++e) sums[e] += sums[q * n + e];
-  };
-  for (size_t k = 0; k < A.size(); ++k) add_ranges(partial.get() + k * parts * size, size);
+  // the partials' sums, then transposed
+  for (size_t k = 0; k < A.size(); ++k) add_ranges(partial.get() + k * parts * size, parts, size);
   if (split(first)) {
-    add_ranges(usx.data(), r * padded_width);
+    add_ranges(usx.data(), parts, r * padded_width);
     MLORC_ROWS(add_transposed_factors_part)(first, total, width, usx.data());
   }
   for (size_t k = 0; k < A.size(); ++k) {
@@ -533,8 +546,7 @@ std::tuple<at::Tensor, at::Tensor> moment_pair_matmul_apart(
 
 void check_kept_part_args(const at::Tensor& grad, const at::Tensor& U, const at::Tensor& Vh) {
   TORCH_CHECK(grad.dim() == 2, "mlorc: kept_part's grad must be a matrix");
-  const at::Tensor ones = at::ones({U.dim() == 2 ? U.size(1) : 0}, grad.options());
-  check_factors(U, ones, Vh, grad.size(0), grad.size(1), "kept_part");
+  check_kept(U, Vh, grad.size(0), grad.size(1));
   check_dense(grad, grad.size(0), grad.size(1), "grad");
 }
 
@@ -542,31 +554,26 @@ std::tuple<at::Tensor, at::Tensor> kept_part_cpu(const at::Tensor& grad, const a
                                                  const at::Tensor& Vh) {
   check_kept_part_args(grad, U, Vh);
   const int64_t rows = grad.size(0), cols = grad.size(1), r = U.size(1);
-  const int64_t r8 = round_up8(r), b = block_rows(cols), blocks = count_blocks(rows, cols);
+  const int64_t r8 = round_up8(r);
   const at::Tensor vh = padded_copy(Vh, r8, round_up16(cols));
-  const int64_t stride = vh.size(1);
-  // g Vh^T, row by row, and U^T g, summed over all rows: in a fixed number of row ranges, each into
-  // its own partial, added in range order (as moment_matmul's A^T X), so the thread count does not
-  // change the result
+  const int64_t stride = vh.size(1), size = r8 * stride;
+  // g Vh^T, row by row, and U^T g, summed over all rows in sum_ranges' row ranges, each into its
+  // own partial (zeros first: the loop adds into it; one of zeros where there are no rows)
   std::vector<float> gv(rows * r);
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(blocks, 8));
-  std::vector<float> partial(parts * r8 * stride, 0.f);
+  const int64_t parts = sum_ranges(rows, cols);
+  std::vector<float> partial(std::max<int64_t>(parts, 1) * size, 0.f);
   const float *u = U.data_ptr<float>(), *vh_in = Vh.data_ptr<float>();
   const auto kept = MLORC_ROWS(kept_rows);
-  parallel_for_matrix(parts, blocks, [&](int64_t first, int64_t last) {
-    for (int64_t q = first; q < last; ++q) {
-      const int64_t begin = q * blocks / parts * b, end = std::min(rows, (q + 1) * blocks / parts * b);
-      kept(u, vh.data_ptr<float>(), r, stride, grad.data_ptr<float>(), cols, begin, end, gv.data(),
-           partial.data() + q * r8 * stride);
-    }
+  for_sum_ranges(rows, cols, [&](int64_t q, int64_t begin, int64_t end) {
+    kept(u, vh.data_ptr<float>(), r, stride, grad.data_ptr<float>(), cols, begin, end, gv.data(),
+         partial.data() + q * size);
   });
+  add_ranges(partial.data(), parts, size);
   at::Tensor L = at::empty({rows, 2 * r}, grad.options()), R = at::empty({2 * r, cols}, grad.options());
   float *l = L.data_ptr<float>(), *rr = R.data_ptr<float>();
   for (int64_t k = 0; k < r; ++k)                       // R = [U^T g; Vh]
     for (int64_t j = 0; j < cols; ++j) {
-      float sum = partial[k * stride + j];
-      for (int64_t q = 1; q < parts; ++q) sum += partial[(q * r8 + k) * stride + j];
-      rr[k * cols + j] = sum;
+      rr[k * cols + j] = partial[k * stride + j];
       rr[(r + k) * cols + j] = vh_in[k * cols + j];
     }
   std::vector<float> utgv(r * r, 0.f);                  // U^T g Vh^T (r, r)
