@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import mlorc
+from variants import takes
 
 ALL = [mlorc.MLorc_AdamW, mlorc.MLorc_Lion, mlorc.MLorc_Prodigy, mlorc.MLorc_DAdapt_Lion,
        mlorc.MLorc_Adopt, mlorc.MLorc_CAME]
@@ -496,7 +497,7 @@ def invalid_hyperparameters(cls):
         cases += [("d_coef", 0.0), ("growth_rate", 0.0), ("growth_rate", -1.0), ("d_coef", "1")]
     if cls in LION or cls is mlorc.MLorc_CAME:
         cases += [("clip_threshold", 0.0), ("clip_threshold", -1.0), ("clip_threshold", "1.0")]
-    if cls not in (mlorc.MLorc_Adopt, mlorc.MLorc_CAME):
+    if takes(cls, "full_weight_outside"):
         cases += [("full_weight_outside", 1), ("full_weight_outside", "yes"), ("full_weight_outside", None)]
     return cases
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mlorc
-from variants import NAMES, VARIANTS, assert_snapshot_equal, make_opt, snapshot
+from variants import NAMES, VARIANTS, assert_snapshot_equal, make_opt, snapshot, takes
 
 LOW_RANK = dict(rank=2, oversampling=0)
 SHAPES = [(12, 10), (3, 4, 2, 2), (10,)]   # a Linear weight, a conv filter viewed as (3, 16), a bias
@@ -144,7 +144,7 @@ def test_state_dict_without_newer_options_loads_and_steps(name):
     # a run of a version before these options existed: no OrthoGrad, and one power iteration (the
     # first release's sketch, which today's default no longer is)
     # and, for the variants that have it, the direction without full_weight_outside
-    before = dict(full_weight_outside=False) if name in ("AdamW", "Lion", "Prodigy", "DAdapt_Lion") else {}
+    before = dict(full_weight_outside=False) if takes(VARIANTS[name][0], "full_weight_outside") else {}
     params_a = make_params()
     opt_a = make_opt(name, params_a, **LOW_RANK, power_iters=1, **before)
     run(opt_a, params_a, 5)

@@ -3,6 +3,7 @@ D-Adapt start from a larger d0 than their default so their d estimate changes wi
 the snapshot of an optimizer that the tests of refused steps compare before and after; and
 extension_mode, which sets MLORC_EXTENSION for a block."""
 import contextlib
+import inspect
 import os
 
 import torch
@@ -19,6 +20,11 @@ VARIANTS = {
 }
 NAMES = list(VARIANTS)
 ADAPTIVE = ("Prodigy", "DAdapt_Lion")
+
+
+def takes(cls, option):
+    """Whether the optimizer class has the hyperparameter `option` (its constructor's signature)."""
+    return option in inspect.signature(cls).parameters
 
 
 def make_opt(name, params, **options):
