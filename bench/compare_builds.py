@@ -97,7 +97,9 @@ def main():
         print(f"{name:>6} build: step {statistics.median(step_times[name]) * 1e3:7.1f} ms, "
               f"products {product_times[name] / args.steps * 1e3:6.1f} ms a step")
     ratio = statistics.median(step_times["other"]) / statistics.median(step_times["this"])
-    print(f"other / this: step {ratio:.3f}, products {product_times['other'] / product_times['this']:.3f}")
+    products = (f"products {product_times['other'] / product_times['this']:.3f}" if product_times["this"]
+                else "no products (the moments are written out: a sketch wider than CPU_PRODUCTS_MAX_WIDTH)")
+    print(f"other / this: step {ratio:.3f}, {products}")
 
 
 if __name__ == "__main__":
