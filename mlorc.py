@@ -1357,10 +1357,10 @@ def finish_batch(opt, batch, group):
 
 FUSED_MAX_RANK = 32        # the extension rebuilds each entry with an r-term loop: past a few dozen
                            # terms the matmul of the pure path is faster
-CPU_PRODUCTS_MAX_WIDTH = 24  # on the CPU each of [M4]'s products rebuilds a second moment from its
-                           # factors: for sketches wider than this (rank > 24 with the default
+CPU_PRODUCTS_MAX_WIDTH = 20  # on the CPU each of [M4]'s products rebuilds a second moment from its
+                           # factors: for sketches wider than this (rank > 20 with the default
                            # sketch), writing the new moments once and multiplying them with BLAS
-                           # is faster (products / dense 0.93-0.99x at width 24, 1.05-1.07x at 28).
+                           # is faster (products / dense 0.97-1.02x at width 20, 1.06-1.09x at 24).
                            # A first moment alone (Lion) takes the products at any width: they
                            # leave its rebuild out (bench/cpu_products.py)
 
