@@ -18,7 +18,7 @@ import torch
 os.environ["MLORC_EXTENSION"] = "0"
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from step import PRESETS, alternating_medians, llama_shapes  # noqa: E402
+from step import PRESETS, alternating_medians, keep_freed_memory, llama_shapes  # noqa: E402
 
 
 def load(name, path):
@@ -37,6 +37,7 @@ def main():
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
+    allocator = keep_freed_memory()            # torch AdamW's time, otherwise set by the allocator
     this = load("mlorc_this", os.path.join(HERE, "..", "mlorc.py"))
     other = load("mlorc_other", os.path.join(args.other, "mlorc.py"))
     gen = torch.Generator().manual_seed(0)
@@ -49,7 +50,7 @@ def main():
                   "torch AdamW": torch.optim.AdamW(params, lr=1e-9, foreach=True)}
     median = alternating_medians(optimizers, args.warmup, args.steps)
     print(f"{args.optimizer} r={args.rank}, preset {args.preset}, pure PyTorch, {args.steps} alternating "
-          f"steps, torch {torch.__version__}, threads {torch.get_num_threads()}")
+          f"steps, torch {torch.__version__}, threads {torch.get_num_threads()}, {allocator}")
     for name, ms in median.items():
         print(f"{name:12s} {ms:7.1f} ms  {ms / median['torch AdamW']:.2f}x AdamW")
     print(f"this / other: {median['this'] / median['other']:.3f}")

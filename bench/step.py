@@ -12,8 +12,14 @@ of them alike. Printed per optimizer: median step time, its ratio to the first o
 optimizer-state bytes per parameter, and the peak memory the step allocates beyond parameters,
 gradients and state, over one extra, untimed step (CUDA: the allocator's statistics; CPU: the
 profiler's allocation events).
+
+On Linux the C library is told to keep the memory freed in the process (keep_freed_memory), so
+that no optimizer's temporaries are fresh pages at each step: by default glibc hands large blocks
+back when they are freed, and torch AdamW foreach's step then took 50-60 ms instead of 24-35,
+depending on what ran before it in the process. `--malloc default` leaves the allocator as it is.
 """
 import argparse
+import ctypes
 import os
 import statistics
 import sys
@@ -37,6 +43,23 @@ def llama_shapes(hidden, intermediate, layers, kv, vocab):
     layer = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden),
              (intermediate, hidden), (intermediate, hidden), (hidden, intermediate), (hidden,), (hidden,)]
     return [(vocab, hidden)] + layer * layers + [(hidden,), (vocab, hidden)]
+
+
+def keep_freed_memory():
+    """Have glibc keep freed memory for the process's later allocations: no trimming of the heap's
+    free top (M_TRIM_THRESHOLD at its largest) and no large block served by a mapping of its own
+    (M_MMAP_MAX 0), which is unmapped when freed. Otherwise an optimizer whose step allocates large
+    temporaries (torch AdamW foreach: sqrt(v) and the quotient, 4.75 x the largest matrix) pays page
+    faults for all of them at every step, or not, depending on what the process ran before: the
+    same step took 24-35 ms or 50-60 ms. Returns how the allocator was left, for the header line."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:                                  # not Linux with glibc: nothing to tell
+        return "allocator as is"
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4            # glibc's malloc.h
+    if libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1 and libc.mallopt(M_MMAP_MAX, 0) == 1:
+        return "glibc keeps freed memory"
+    return "allocator as is (mallopt refused)"
 
 
 def alternating_medians(optimizers, warmup, steps):
@@ -112,7 +135,10 @@ def main():
     parser.add_argument("--only", default="", help="comma-separated substrings of optimizer names")
     parser.add_argument("--profile", default="", help="an optimizer's name: also print where its step's "
                         "time goes (torch.profiler, 3 steps)")
+    parser.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                        help="keep: the C library keeps freed memory (keep_freed_memory); default: as it is")
     args = parser.parse_args()
+    allocator = keep_freed_memory() if args.malloc == "keep" else "allocator as is"
 
     dtype = getattr(torch, args.dtype)
     shapes = llama_shapes(**PRESETS[args.preset])
@@ -125,7 +151,7 @@ def main():
     cuda = args.device.startswith("cuda")
     print(f"preset {args.preset}: {len(shapes)} tensors, {n_params / 1e6:.1f}M parameters, {args.dtype}, "
           f"device {torch.cuda.get_device_name() if cuda else args.device}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}")
+          f"threads {torch.get_num_threads()}, {allocator}")
 
     # Every optimizer keeps its state for the whole run, and the timed steps go round-robin: one
     # step of each in turn, so a slow patch of a shared machine slows all of them alike.
