@@ -172,15 +172,27 @@ def rsvd(A, rank, oversampling=0, power_iters=0, generator=None):
         U, s, Vh = torch.linalg.svd(A, full_matrices=False)
         return U[..., :k], s[..., :k], Vh[..., :k, :]
     generators = generator if isinstance(generator, (list, tuple)) else [generator]
-    omega = gaussian_sketch(generators, n, width, A).view(*A.shape[:-2], n, width)
+    Q = sketch_basis(A, width, power_iters, generators)
+    # A^T Q is formed as (Q^T A)^T: CPU BLAS took 5-10x longer for A.mT @ Q than for this wide product
+    return factors_from(Q, (Q.mT @ A).mT, k)
+
+
+def sketch_basis(A, width, power_iters, generators):
+    """Q, an orthonormal basis (m, width) of A's sketched range A Omega, power_iters times refined
+    (each matrix of a batch with its own generator's Omega)."""
+    omega = gaussian_sketch(generators, A.shape[-1], width, A).view(*A.shape[:-2], A.shape[-1], width)
     Q = torch.linalg.qr(A @ omega).Q                              # (m, r + p): Householder, so an all-zero
     for _ in range(power_iters):                                  # or rank-deficient sketch stays finite
-        Q = torch.linalg.qr((Q.mT @ A).mT).Q                      # A^T Q: (n, r + p), see below
+        Q = torch.linalg.qr((Q.mT @ A).mT).Q                      # A^T Q: (n, r + p)
         Q = torch.linalg.qr(A @ Q).Q                              # (m, r + p)
-    # B = Q^T A = R_B^T Q_B^T: (r + p, n). A^T Q is formed as (Q^T A)^T: CPU BLAS took 5-10x longer
-    # for A.mT @ Q than for this wide product
-    Q_B, R_B = torch.linalg.qr((Q.mT @ A).mT)
-    U_small, s, W_h = torch.linalg.svd(R_B.mT)                    # so only a (r + p)^2 SVD is needed
+    return Q
+
+
+def factors_from(Q, AtQ, k):
+    """The top k factors (U, s, Vh) of A ~ Q Q^T A, given Q and A^T Q (n, r + p): B = Q^T A =
+    R_B^T Q_B^T, so only a (r + p)^2 SVD is needed."""
+    Q_B, R_B = torch.linalg.qr(AtQ)
+    U_small, s, W_h = torch.linalg.svd(R_B.mT)
     return Q @ U_small[..., :k], s[..., :k], W_h[..., :k, :] @ Q_B.mT
 
 
@@ -1322,13 +1334,19 @@ def prepare_step(opt, p, index, group):
 
 def finish_batch(opt, batch, group):
     """[M4] compress the new moments of a batch of same-shape parameters in batched calls (each
-    with its own generator), commit the state, then [M7] apply each update."""
+    with its own generator), commit the state, then [M7] apply each update (a FusedStep's moves
+    within [M4], once its bases are known)."""
     suffixes = ("_U", "_s", "_Vh")
-    fused = [w for w in batch if opt.moments in w["new"]]    # the extension's NewMoments:
-    if fused:                                                   # [M4] through products
-        A = FusedMoments([A for w in fused for A in w["new"].pop(opt.moments)])
-        factors = rsvd(A, group["rank"], group["oversampling"], group["power_iters"],
-                       [w["generator"] for w in fused for _ in opt.moments])  # m's Omega, then v's
+    fused = [w for w in batch if opt.moments in w["new"]]    # the extension's FusedSteps: [M4]
+    if fused:                                                   # through products, as rsvd does
+        steps = [w["new"].pop(opt.moments) for w in fused]
+        Q = sketch_basis(FusedMoments([A for step in steps for A in step.moments]),
+                         group["rank"] + group["oversampling"], group["power_iters"],
+                         [w["generator"] for w in fused for _ in opt.moments])  # m's Omega, then v's
+        bases = iter(Q.unbind(0))
+        AtQ = torch.stack([AtQ_k for step in steps              # [M7] here, and [M4]'s last products
+                           for AtQ_k in step.finish([next(bases) for _ in step.moments])])
+        factors = factors_from(Q, AtQ, min(group["rank"], *matrix_shape(fused[0]["p"])))
         for i, (w, name) in enumerate((w, name) for w in fused for name in opt.moments):
             w["new"].update({name + suffix: f[i].clone() for suffix, f in zip(suffixes, factors)})
     for name in opt.moments:
@@ -1397,11 +1415,18 @@ def through_products(opt, p, group):
     return width < min(matrix_shape(p)) and not wide
 
 
+FusedStep = collections.namedtuple("FusedStep", "moments finish")
+FusedStep.__doc__ = """A fused step that [M4] reaches through products: the new moments, as NewMoments,
+and finish(Q), which moves the parameter ([M5]-[M7]) and returns each moment's A^T Q for the bases Q
+that [M4] found from their first products (A^T Q from the same pass where the extension can)."""
+
+
 def adamw_fused(opt, p, g, state, group, step):
     """MLorc_AdamW's fused op, mlorc::adamw_step_: _direction and [M7] in one pass over the matrix,
     the moments rebuilt from their factors entry by entry. Returns the new dense moments for [M4]
-    or, where through_products, only NewMoments under the key opt.moments, which [M4] then reaches
-    through products (FusedMoments)."""
+    or, where through_products, a FusedStep under the key opt.moments: the parameter then moves
+    once [M4] has its bases, in mlorc::adamw_update_products_, which also returns [M4]'s last
+    products."""
     (b1, b2), (rows, cols) = group["betas"], matrix_shape(p)
     P, G, m_old, v_old = p.view(rows, cols), g.view(rows, cols), *old_factors(opt, state)
     shift = torch.ops.mlorc.negative_mean(*v_old)                                       # [M2]
@@ -1409,8 +1434,10 @@ def adamw_fused(opt, p, g, state, group, step):
                adam_ratio_bound(step, b1, b2))      # the kernel clamps m / (sqrt(v) + eps'): C_t
     scalars += fused_outside_args(G, m_old, group, b1 - b1 ** step)  # adds w (g - kept) to m
     if through_products(opt, p, group):
-        torch.ops.mlorc.adamw_update_(P, G, *m_old, *v_old, shift, *scalars)
-        return {opt.moments: [NewMoment(G, m_old, b1), NewMoment(G, v_old, b2, True, shift)]}
+        def finish(Q):
+            return torch.ops.mlorc.adamw_update_products_(P, G, *m_old, *v_old, shift, *Q, *scalars)
+        return {opt.moments: FusedStep([NewMoment(G, m_old, b1), NewMoment(G, v_old, b2, True, shift)],
+                                       finish)}
     m, v = torch.empty(rows, cols, device=p.device), torch.empty(rows, cols, device=p.device)
     torch.ops.mlorc.adamw_step_(P, G, *m_old, *v_old, shift, m, v, *scalars)
     return {"exp_avg": m.view(p.shape), "exp_avg_sq": v.view(p.shape)}
@@ -1430,15 +1457,18 @@ def fused_outside_args(G, m_old, group, weight):
 
 def lion_fused(opt, p, g, state, group, step):
     """MLorc_Lion's fused op, mlorc::lion_step_: _direction and [M7] in one pass; returns the new
-    dense momentum (or NewMoments, as adamw_fused)."""
+    dense momentum (or a FusedStep, as adamw_fused, whose finish moves the parameter and then takes
+    [M4]'s last product)."""
     (b1, b2), (rows, cols) = group["betas"], matrix_shape(p)
     g = clip_by_norm(g, group["clip_threshold"])
     P, G, (m_old,) = p.view(rows, cols), g.view(rows, cols), old_factors(opt, state)
     scalars = (b1, b2, group["lr"], group["weight_decay"])
     scalars += fused_outside_args(G, m_old, group, b1)               # adds w (g - kept) to the mix
     if through_products(opt, p, group):
-        torch.ops.mlorc.lion_update_(P, G, *m_old, *scalars)
-        return {opt.moments: [NewMoment(G, m_old, b2)]}
+        def finish(Q):
+            torch.ops.mlorc.lion_update_(P, G, *m_old, *scalars)
+            return [torch.ops.mlorc.moment_matmul(*m_old, G, b2, False, None, Q[0], True)]
+        return {opt.moments: FusedStep([NewMoment(G, m_old, b2)], finish)}
     m = torch.empty(rows, cols, device=p.device)
     torch.ops.mlorc.lion_step_(P, G, *m_old, m, *scalars)
     return {"exp_avg": m.view(p.shape)}
@@ -1602,7 +1632,10 @@ class FusedMoments:
     as it goes (a first moment, linear in its parts, may be multiplied as beta U (s (Vh X)) +
     (1 - beta) g X instead). So the step holds no dense m x n moment at all (on CUDA,
     moment_matmul holds chunks of 16 MiB of a second moment). MLorc_AdamW's m and v share their g:
-    mlorc::moment_pair_matmul multiplies both in one pass over it."""
+    mlorc::moment_pair_matmul multiplies both in one pass over it. [M4]'s sketch_basis takes the
+    stack; its last products, A^T Q, come from the FusedStep's finish (on the CPU, MLorc_AdamW's
+    from the pass that moves the parameter, from the entries that pass computes: one pass over g
+    fewer, and v~ rebuilt once less)."""
 
     def __init__(self, moments, transposed=False):
         self.moments, self.transposed = moments, transposed

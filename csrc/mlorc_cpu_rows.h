@@ -54,8 +54,8 @@ void negative_rows(const Factors& v, int64_t begin, int64_t end, float* w, doubl
   }
 }
 
-// One row of MLorc_AdamW's pass: adamw_update at each entry, the new moments written to m and v
-// unless they are null. A function of its own with restrict parameters (no two rows overlap), not
+// One row of MLorc_AdamW's pass: adamw_update at each entry, the new moments written to m and v, the
+// second alone where m is null, neither where v is. A function of its own with restrict parameters (no two rows overlap), not
 // inlined: inlined into adamw_rows, GCC left the loop that writes the moments unvectorized (restrict
 // on local pointers did not reach it), and adamw_step_'s pass took 1.7-2.3x as long, 6.5-7.6x with
 // full_weight_outside's kept part (one 8000 x 512 matrix, AVX-512, two threads; BENCHMARKS.md)
@@ -63,10 +63,15 @@ __attribute__((noinline)) void adamw_row(const AdamWArgs args, int64_t cols, flo
                                          const float* __restrict g, const float* __restrict m_row,
                                          const float* __restrict v_row, const float* __restrict k_row,
                                          float* __restrict m, float* __restrict v) {
-  if (m == nullptr) {
+  if (v == nullptr) {
     for (int64_t j = 0; j < cols; ++j) {
       float m_j, v_j;
       adamw_update(args, p[j], g[j], m_row[j], v_row[j], k_row[j], m_j, v_j);
+    }
+  } else if (m == nullptr) {
+    for (int64_t j = 0; j < cols; ++j) {
+      float m_j;
+      adamw_update(args, p[j], g[j], m_row[j], v_row[j], k_row[j], m_j, v[j]);
     }
   } else {
     for (int64_t j = 0; j < cols; ++j) adamw_update(args, p[j], g[j], m_row[j], v_row[j], k_row[j], m[j], v[j]);
@@ -458,6 +463,37 @@ __attribute__((always_inline)) inline void pair_product_rows_impl(
   }
 }
 
+// One chunk j of the kPairBlock columns [q0, q0 + kPairBlock) of M^T X_m and V^T X_v (rows of
+// stride floats in out_m and out_v), summed over the rows [first, last) of a block in registers:
+// chunks(i, a, b) gives row i's chunk of M's loop input (g, M being split) and of V. The first
+// block of a range (first == begin) writes the sums, the others add to them.
+template <class Chunks>
+__attribute__((always_inline)) inline void pair_block_sums(const Chunks& chunks, const float* X_m,
+                                                           const float* X_v, int64_t x_stride,
+                                                           int64_t begin, int64_t first, int64_t last,
+                                                           int64_t j, int64_t q0, int64_t stride,
+                                                           float* out_m, float* out_v) {
+  Vec sum[2 * kPairBlock] = {};                  // M's, then V's
+  if (first != begin)
+    for (int64_t q = 0; q < kPairBlock; ++q) {
+      sum[q] = load_vec(out_m + (q0 + q) * stride + j);
+      sum[kPairBlock + q] = load_vec(out_v + (q0 + q) * stride + j);
+    }
+  for (int64_t i = first; i < last; ++i) {
+    Vec a, b;
+    chunks(i, a, b);
+    const float *xm = X_m + i * x_stride + q0, *xv = X_v + i * x_stride + q0;
+    for (int64_t q = 0; q < kPairBlock; ++q) {
+      sum[q] += a * xm[q];
+      sum[kPairBlock + q] += b * xv[q];
+    }
+  }
+  for (int64_t q = 0; q < kPairBlock; ++q) {
+    std::memcpy(out_m + (q0 + q) * stride + j, &sum[q], sizeof(Vec));
+    std::memcpy(out_v + (q0 + q) * stride + j, &sum[kPairBlock + q], sizeof(Vec));
+  }
+}
+
 // rows [begin, end)'s share of M^T X_m and V^T X_v, written to out_m and out_v (round_up8(width),
 // stride each), as accumulate_rows_impl's: rows in blocks of kRowBlock, for each chunk kPairBlock
 // columns of each product in registers while the block's rows go by. M's (U s)^T X_m goes to usx.
@@ -485,32 +521,16 @@ __attribute__((always_inline)) inline void pair_accumulate_rows_impl(
     for (int64_t j = 0; j < stride; j += kVecLanes) {
       if (kBuffered)
         for (int64_t i = first; i < last; ++i) chunks(i, j, g_chunks[i - first], v_chunks[i - first]);
-      for (int64_t q0 = 0; q0 < width; q0 += kPairBlock) {
-        Vec sum[2 * kPairBlock] = {};    // M's, then V's; the range's first block writes out, the others add
-        if (first != begin)
-          for (int64_t q = 0; q < kPairBlock; ++q) {
-            sum[q] = load_vec(out_m + (q0 + q) * stride + j);
-            sum[kPairBlock + q] = load_vec(out_v + (q0 + q) * stride + j);
-          }
-        for (int64_t i = first; i < last; ++i) {
-          Vec a, b;
-          if (kBuffered) {
-            a = g_chunks[i - first];
-            b = v_chunks[i - first];
-          } else {
-            chunks(i, j, a, b);
-          }
-          const float *xm = X_m + i * x_stride + q0, *xv = X_v + i * x_stride + q0;
-          for (int64_t q = 0; q < kPairBlock; ++q) {
-            sum[q] += a * xm[q];
-            sum[kPairBlock + q] += b * xv[q];
-          }
+      const auto row_chunks = [&](int64_t i, Vec& a, Vec& b) {
+        if (kBuffered) {
+          a = g_chunks[i - first];
+          b = v_chunks[i - first];
+        } else {
+          chunks(i, j, a, b);
         }
-        for (int64_t q = 0; q < kPairBlock; ++q) {
-          std::memcpy(out_m + (q0 + q) * stride + j, &sum[q], sizeof(Vec));
-          std::memcpy(out_v + (q0 + q) * stride + j, &sum[kPairBlock + q], sizeof(Vec));
-        }
-      }
+      };
+      for (int64_t q0 = 0; q0 < width; q0 += kPairBlock)
+        pair_block_sums(row_chunks, X_m, X_v, x_stride, begin, first, last, j, q0, stride, out_m, out_v);
     }
   }
 }
@@ -533,6 +553,45 @@ void pair_accumulate_rows(const NewMoment& M, const NewMoment& V, const float* X
                                                             out_v, usx, w);
   };
   pair_kind(V, width, run);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// adamw_update_products_'s loop
+
+// rows [begin, end) of MLorc_AdamW's pass (adamw_rows) that also adds the rows' share of [M4]'s last
+// products, M^T X_m and V^T X_v of the new moments, into out_m and out_v (round_up8(width), stride
+// each), as pair_accumulate_rows_impl does, from the entries the pass computes instead of rebuilt
+// ones: rows go in blocks of kRowBlock, each row's new v kept in v_rows (kRowBlock rows of stride
+// floats, zeros past cols) until its block's products are added; M = beta1 m~ + (1 - beta1) g is
+// split, so the loops multiply g, and the rows' (U s)^T X_m goes to usx. m_row, v_row and k_row
+// hold one rebuilt row each; w: r_m + r_v + r_k floats.
+void adamw_accumulate_rows(const AdamWArgs args, const Factors& m_old, const Factors& v_old,
+                           const Factors& kept, int64_t begin, int64_t end, int64_t cols, float* p,
+                           const float* g, const float* X_m, const float* X_v, int64_t width,
+                           float* out_m, float* out_v, float* usx, float* m_row, float* v_row,
+                           float* k_row, float* v_rows, float* w) {
+  const int64_t x_stride = round_up8(width), stride = m_old.stride;
+  if (kept.r == 0) std::memset(k_row, 0, kept.stride * sizeof(float));
+  for (int64_t first = begin; first < end; first += kRowBlock) {
+    const int64_t last = std::min(end, first + kRowBlock);
+    for (int64_t i = first; i < last; ++i) {
+      rebuild_row(m_old, i, w, m_row);                  // leaves U[i, :] s in w
+      rebuild_row(v_old, i, w + m_old.r, v_row);
+      if (kept.r > 0) rebuild_row(kept, i, w + m_old.r + v_old.r, k_row);
+      adamw_row(args, cols, p + i * cols, g + i * cols, m_row, v_row, k_row, nullptr,
+                v_rows + (i - first) * stride);
+      for (int64_t k = 0; k < m_old.r; ++k)              // (U s)^T X_m, row by row
+        for (int64_t q = 0; q < x_stride; ++q) usx[k * x_stride + q] += w[k] * X_m[i * x_stride + q];
+    }
+    for (int64_t j = 0; j < stride; j += kVecLanes) {
+      const auto row_chunks = [&](int64_t i, Vec& a, Vec& b) {
+        a = g_chunk(g + i * cols, cols, j);
+        b = load_vec(v_rows + (i - first) * stride + j);
+      };
+      for (int64_t q0 = 0; q0 < width; q0 += kPairBlock)
+        pair_block_sums(row_chunks, X_m, X_v, x_stride, begin, first, last, j, q0, stride, out_m, out_v);
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -403,6 +403,30 @@ void check_moment_matmul_args(const at::Tensor& U, const at::Tensor& s, const at
               "mlorc: moment_matmul's shift must be one float32");
 }
 
+// A_k^T X_k, (cols, width) each, from the partials of sum_ranges' `parts` row ranges: for each
+// moment in turn, parts partials of (round_up8(width), stride) floats in `partial`, and, of a split
+// first moment, its ranges' (U s)^T X in usx ((r, round_up8(width)) a range). The partials are added
+// in range order, the factors' part is added, and each sum is transposed.
+std::vector<at::Tensor> transposed_products(const std::vector<NewMoment>& A, float* partial,
+                                            int64_t parts, float* usx, const std::vector<at::Tensor>& X) {
+  const int64_t cols = A[0].cols, stride = A[0].old.stride, width = X[0].size(1);
+  const int64_t padded_width = round_up8(width), size = padded_width * stride;
+  for (size_t k = 0; k < A.size(); ++k) add_ranges(partial + k * parts * size, parts, size);
+  if (split(A[0])) {
+    add_ranges(usx, parts, A[0].old.r * padded_width);
+    MLORC_ROWS(add_transposed_factors_part)(A[0], partial, width, usx);
+  }
+  std::vector<at::Tensor> out;
+  for (size_t k = 0; k < A.size(); ++k) {
+    const float* sums = partial + k * parts * size;
+    out.push_back(at::empty({cols, width}, X[k].options()));
+    float* o = out.back().data_ptr<float>();
+    for (int64_t j = 0; j < cols; ++j)
+      for (int64_t c = 0; c < width; ++c) o[j * width + c] = sums[c * stride + j];
+  }
+  return out;
+}
+
 // A_k @ X_k, or A_k^T @ X_k when transposed, through the row loops, for one new moment or for
 // MLorc_AdamW's pair (a split first moment, then a second moment) in one pass over their shared g
 std::vector<at::Tensor> new_moments_matmul(const std::vector<NewMoment>& A, int64_t rows,
@@ -464,20 +488,7 @@ std::vector<at::Tensor> new_moments_matmul(const std::vector<NewMoment>& A, int6
     else
       accumulate(first, x, width, begin, end, total + q * size, usx.data() + q * r * padded_width, w.data());
   });
-  // the partials' sums, then transposed
-  for (size_t k = 0; k < A.size(); ++k) add_ranges(partial.get() + k * parts * size, parts, size);
-  if (split(first)) {
-    add_ranges(usx.data(), parts, r * padded_width);
-    MLORC_ROWS(add_transposed_factors_part)(first, total, width, usx.data());
-  }
-  for (size_t k = 0; k < A.size(); ++k) {
-    const float* sums = partial.get() + k * parts * size;
-    out.push_back(at::empty({cols, width}, X[k].options()));
-    float* o = out.back().data_ptr<float>();
-    for (int64_t j = 0; j < cols; ++j)
-      for (int64_t c = 0; c < width; ++c) o[j * width + c] = sums[c * stride + j];
-  }
-  return out;
+  return transposed_products(A, partial.get(), parts, usx.data(), X);
 }
 
 at::Tensor moment_matmul_cpu(const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh,
@@ -535,6 +546,87 @@ std::tuple<at::Tensor, at::Tensor> moment_pair_matmul_apart(
                         bool, const c10::optional<at::Tensor>&, const at::Tensor&, bool)>();
   return {op.call(mU, ms, mVh, grad, beta1, false, c10::nullopt, X_m, transposed),
           op.call(vU, vs, vVh, grad, beta2, true, shift, X_v, transposed)};
+}
+
+// ---------------------------------------------------------------------------------------------------
+// adamw_update_products_: adamw_update_'s pass, which also returns [M4]'s last products of the new
+// moments, (M^T X_m, V^T X_v) as moment_pair_matmul gives them when transposed, formed from the
+// entries the pass computes: no pass of their own over grad, and v~ rebuilt once instead of twice.
+// Python twin: adamw_update_, then moment_pair_matmul (other devices take these two calls).
+
+void check_update_products_args(const at::Tensor& param, const at::Tensor& X_m, const at::Tensor& X_v) {
+  TORCH_CHECK(X_m.dim() == 2 && X_v.dim() == 2 && X_m.size(0) == param.size(0) &&
+                  X_v.size(0) == param.size(0) && X_m.size(1) == X_v.size(1) &&
+                  X_m.scalar_type() == at::kFloat && X_v.scalar_type() == at::kFloat,
+              "mlorc: adamw_update_products_'s X_m and X_v must be float32, as wide, with the matrix's rows");
+}
+
+std::tuple<at::Tensor, at::Tensor> adamw_update_products_cpu(
+    at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU, const at::Tensor& ms,
+    const at::Tensor& mVh, const at::Tensor& vU, const at::Tensor& vs, const at::Tensor& vVh,
+    const at::Tensor& shift, const at::Tensor& X_m, const at::Tensor& X_v, double beta1, double beta2,
+    double lr, double weight_decay, double eps, double bc1, double bc2, double bound,
+    const c10::optional<at::Tensor>& kept_U, const c10::optional<at::Tensor>& kept_Vh, double outside) {
+  check_adamw_args(param, grad, mU, ms, mVh, vU, vs, vVh, shift, kept_U, kept_Vh);
+  check_update_products_args(param, X_m, X_v);
+  const int64_t rows = param.size(0), cols = param.size(1), width = X_m.size(1);
+  const auto [kU, ks, kVh] = kept_factors(param, kept_U, kept_Vh);
+  const AdamWArgs args = make_adamw_args(beta1, beta2, lr, weight_decay, eps, bc1, bc2, bound,
+                                         shift.item<float>(), outside, ms.size(0), vs.size(0),
+                                         ks.size(0));
+  const at::Tensor mvh = padded(mVh), vvh = padded(vVh), kvh = padded(kVh);
+  const Factors m_old(mU, ms, mvh), v_old(vU, vs, vvh), kept(kU, ks, kvh);
+  const int64_t parts = sum_ranges(rows, cols);
+  if (parts == 0)                                     // no rows: nothing moves, the products are 0
+    return {at::zeros({cols, width}, X_m.options()), at::zeros({cols, width}, X_v.options())};
+  const float* g = grad.data_ptr<float>();
+  const NewMoment M{m_old, g, cols, float(beta1), 0.f, false, false};
+  const NewMoment V{v_old, g, cols, float(beta2), args.shift, true, true};
+  const at::Tensor xm = padded_columns(X_m), xv = padded_columns(X_v);
+  const int64_t stride = mvh.size(1), padded_width = round_up8(width), size = padded_width * stride;
+  const int64_t r_all = m_old.r + v_old.r + kept.r;
+  // one partial per range and moment (the range's first block writes it), and M's (U s)^T X_m a
+  // range, summed from zero
+  const std::unique_ptr<float[]> partial(new float[2 * parts * size]);
+  std::vector<float> usx(parts * m_old.r * padded_width, 0.f);
+  float* p = param.data_ptr<float>();
+  const auto accumulate = MLORC_ROWS(adamw_accumulate_rows);
+  for_sum_ranges(rows, cols, [&](int64_t q, int64_t begin, int64_t end) {
+    std::vector<float> scratch((3 + kRowBlock) * stride + r_all);   // zeros: v_rows' padding stays 0
+    float* rows_at = scratch.data();
+    accumulate(args, m_old, v_old, kept, begin, end, cols, p, g, xm.data_ptr<float>(),
+               xv.data_ptr<float>(), width, partial.get() + q * size,
+               partial.get() + (parts + q) * size, usx.data() + q * m_old.r * padded_width, rows_at,
+               rows_at + stride, rows_at + 2 * stride, rows_at + 3 * stride,
+               rows_at + (3 + kRowBlock) * stride);
+  });
+  const std::vector<at::Tensor> out = transposed_products({M, V}, partial.get(), parts, usx.data(), {X_m, X_v});
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> adamw_update_products_apart(
+    at::Tensor& param, const at::Tensor& grad, const at::Tensor& mU, const at::Tensor& ms,
+    const at::Tensor& mVh, const at::Tensor& vU, const at::Tensor& vs, const at::Tensor& vVh,
+    const at::Tensor& shift, const at::Tensor& X_m, const at::Tensor& X_v, double beta1, double beta2,
+    double lr, double weight_decay, double eps, double bc1, double bc2, double bound,
+    const c10::optional<at::Tensor>& kept_U, const c10::optional<at::Tensor>& kept_Vh, double outside) {
+  check_update_products_args(param, X_m, X_v);
+  static const auto update = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("mlorc::adamw_update_", "")
+      .typed<void(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                  const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double,
+                  double, double, double, double, double, double, const c10::optional<at::Tensor>&,
+                  const c10::optional<at::Tensor>&, double)>();
+  static const auto products = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("mlorc::moment_pair_matmul", "")
+      .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                const at::Tensor&, double, double,
+                                                const c10::optional<at::Tensor>&, const at::Tensor&,
+                                                const at::Tensor&, bool)>();
+  update.call(param, grad, mU, ms, mVh, vU, vs, vVh, shift, beta1, beta2, lr, weight_decay, eps, bc1, bc2,
+              bound, kept_U, kept_Vh, outside);
+  return products.call(mU, ms, mVh, vU, vs, vVh, grad, beta1, beta2, shift, X_m, X_v, true);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -628,6 +720,11 @@ TORCH_LIBRARY(mlorc, m) {
       "Tensor grad, float beta1, float beta2, Tensor? shift, Tensor X_m, Tensor X_v, "
       "bool transposed) -> (Tensor, Tensor)");
   m.def("kept_part(Tensor grad, Tensor U, Tensor Vh) -> (Tensor, Tensor)");
+  m.def(
+      "adamw_update_products_(Tensor(a!) param, Tensor grad, Tensor mU, Tensor ms, Tensor mVh, "
+      "Tensor vU, Tensor vs, Tensor vVh, Tensor shift, Tensor X_m, Tensor X_v, float beta1, "
+      "float beta2, float lr, float weight_decay, float eps, float bc1, float bc2, float bound, "
+      "Tensor? kept_U=None, Tensor? kept_Vh=None, float outside=0.0) -> (Tensor, Tensor)");
 }
 
 // Meta kernels: shapes only, so FakeTensor tracing (torch.compile, opcheck) works.
@@ -682,13 +779,15 @@ TORCH_LIBRARY_IMPL(mlorc, CPU, m) {
   m.impl("moment_matmul", &moment_matmul_cpu);
   m.impl("moment_pair_matmul", &moment_pair_matmul_cpu);
   m.impl("kept_part", &kept_part_cpu);
+  m.impl("adamw_update_products_", &adamw_update_products_cpu);
 }
 
 // Every other device (CUDA, and Meta for shapes): matmuls for kept_part, two moment_matmul calls for
-// moment_pair_matmul
+// moment_pair_matmul, adamw_update_ and moment_pair_matmul for adamw_update_products_
 TORCH_LIBRARY_IMPL(mlorc, CompositeExplicitAutograd, m) {
   m.impl("moment_pair_matmul", &moment_pair_matmul_apart);
   m.impl("kept_part", &kept_part_matmul);
+  m.impl("adamw_update_products_", &adamw_update_products_apart);
 }
 
 }  // namespace mlorc

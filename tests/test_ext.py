@@ -172,6 +172,19 @@ def _test_moment_matmul(ops, device):
                     assert ((ours - expected).abs() <= 1e-5 * scale).all()
 
 
+def pair_cases(device):
+    """(rows, cols, width, generator, m's old factors, v's, g) for MLorc_AdamW's pair of moments:
+    the shapes of _test_moment_matmul, X 3, 4, 6 and 11 wide (one block of 4 columns of each
+    product on the CPU, or several), with 2-7 factor terms."""
+    shapes = [(12, 10), (300, 100), (5000, 64), (40, 33), (7, 50), (1, 20)]
+    for (rows, cols), (width, r) in itertools.product(shapes, [(3, 2), (4, 4), (6, 4), (11, 7)]):
+        gen = torch.Generator().manual_seed(rows + width)
+        m_old, v_old = ([t.to(device) for t in (torch.randn(rows, r, generator=gen),
+                                                torch.rand(r, generator=gen),
+                                                torch.randn(r, cols, generator=gen))] for _ in range(2))
+        yield rows, cols, width, gen, m_old, v_old, torch.randn(rows, cols, generator=gen).to(device)
+
+
 def _test_moment_pair_matmul(ops, device):
     """MLorc_AdamW's m and v multiplied in one pass over their g, against the dense moments' products,
     within _test_moment_matmul's bound relative to the sum of the terms' magnitudes: for m, whose
@@ -179,13 +192,7 @@ def _test_moment_pair_matmul(ops, device):
     far smaller: a one-row A^T X measured 1.8e-5 of |m| @ |X|; of the terms' sum, 2.8e-6 at most
     over these cases). Widths 3, 4 (one block of 4 columns of each product on the CPU), 6 and 11
     (several, v rebuilt once into a buffer), with and without v's repair; its shapes."""
-    shapes = [(12, 10), (300, 100), (5000, 64), (40, 33), (7, 50), (1, 20)]
-    for (rows, cols), (width, r) in itertools.product(shapes, [(3, 2), (4, 4), (6, 4), (11, 7)]):
-        gen = torch.Generator().manual_seed(rows + width)
-        m_old, v_old = ([t.to(device) for t in (torch.randn(rows, r, generator=gen),
-                                                torch.rand(r, generator=gen),
-                                                torch.randn(r, cols, generator=gen))] for _ in range(2))
-        g = torch.randn(rows, cols, generator=gen).to(device)
+    for rows, cols, width, gen, m_old, v_old, g in pair_cases(device):
         for shift in (None, ops.negative_mean(*v_old)):
             M, V = dense_moment(m_old, g, 0.9), dense_moment(v_old, g, 0.999, True, shift)
             for transposed, length in [(False, cols), (True, rows)]:
@@ -195,6 +202,31 @@ def _test_moment_pair_matmul(ops, device):
                 for product, A, terms, X in zip(ours, (M, V), (m_terms, V.abs()), (X_m, X_v)):
                     A, terms = (A.T, terms.T) if transposed else (A, terms)
                     assert ((product - A @ X).abs() <= 1e-5 * (terms @ X.abs())).all()
+
+
+def _test_update_products(ops, device):
+    """adamw_update_products_ moves the parameter exactly as adamw_update_ (with and without g's kept
+    part) and returns what moment_pair_matmul gives for the transposed products of the new moments,
+    within _test_moment_pair_matmul's bound (the same terms; on the CPU summed in the same order, from
+    the entries the pass computes). Its shapes: rows in one range or in several (each range sums its
+    own partial), widths of one block of 4 columns of each product and of several."""
+    for rows, cols, width, gen, m_old, v_old, g in pair_cases(device):
+        p, shift = torch.randn(rows, cols, generator=gen).to(device), ops.negative_mean(*v_old)
+        X_m, X_v = (torch.randn(rows, width, generator=gen).to(device) for _ in range(2))
+        scalars = (0.9, 0.999, 1e-2, 0.1, 1e-8, 0.1, 0.01, 1.0)
+        kepts = [()]                                  # kept_part's spaces: r orthonormal vectors
+        if m_old[1].numel() <= min(rows, cols):
+            U, Vh = (t.contiguous() for t in orthonormal_m(dict(m=m_old)))
+            kepts.append((*ops.kept_part(g, U, Vh), 0.8))
+        for kept in kepts:
+            p_update, p_products = p.clone(), p.clone()
+            ops.adamw_update_(p_update, g, *m_old, *v_old, shift, *scalars, *kept)
+            ours = ops.adamw_update_products_(p_products, g, *m_old, *v_old, shift, X_m, X_v, *scalars, *kept)
+            assert torch.equal(p_update, p_products)
+            M, V = dense_moment(m_old, g, 0.9), dense_moment(v_old, g, 0.999, True, shift)
+            m_terms = 0.9 * mlorc.reconstruct(*m_old).abs() + 0.1 * g.abs()
+            for product, A, terms, X in zip(ours, (M, V), (m_terms, V.abs()), (X_m, X_v)):
+                assert ((product - A.T @ X).abs() <= 1e-5 * (terms.T @ X.abs())).all()
 
 
 def _test_kept_part(ops, device):
@@ -308,6 +340,9 @@ def _test_opcheck(ops, device):
         torch.library.opcheck(ops.moment_pair_matmul, (*case["m"], *case["v"], g, 0.9, 0.99, shift, X, X,
                                                        transposed))
     torch.library.opcheck(ops.kept_part, (g, *(t.contiguous() for t in orthonormal_m(case))))
+    X = torch.randn(p.shape[0], 3, device=device)
+    torch.library.opcheck(ops.adamw_update_products_, (p, g, *case["m"], *case["v"], shift, X, X, 0.9, 0.99,
+                                                       1e-2, 0.1, 1e-8, 0.1, 0.01, 1.0, *kept, 0.8))
 
 
 def _test_bad_shapes_raise(ops, device):
@@ -320,10 +355,15 @@ def _test_bad_shapes_raise(ops, device):
                        1e-2, 0.0)
     with pytest.raises(RuntimeError, match="do not fit"):
         ops.kept_part(case["g"], case["m"][0][:-1], case["m"][2])
+    X = torch.zeros(p.shape[0] + 1, 3, device=device)
+    with pytest.raises(RuntimeError, match="X_m and X_v must be float32, as wide, with the matrix's rows"):
+        ops.adamw_update_products_(p.clone(), case["g"], *case["m"], *case["v"], ops.negative_mean(*case["v"]),
+                                   X, X, 0.9, 0.99, 1e-2, 0.1, 1e-8, 0.1, 0.01, 1.0)
 
 
 CHECKS = [_test_negative_mean, _test_adamw_step, _test_lion_step, _test_update_ops, _test_moment_matmul,
-          _test_moment_pair_matmul, _test_kept_part, _test_opcheck, _test_bad_shapes_raise]
+          _test_moment_pair_matmul, _test_update_products, _test_kept_part, _test_opcheck,
+          _test_bad_shapes_raise]
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda f: f.__name__[6:])
@@ -333,7 +373,8 @@ def test_ops_cpu(ext, check):
 
 @pytest.mark.parametrize("level", [0, 3])
 @pytest.mark.parametrize("check", [_test_negative_mean, _test_adamw_step, _test_lion_step, _test_update_ops,
-                                   _test_moment_matmul, _test_moment_pair_matmul, _test_kept_part],
+                                   _test_moment_matmul, _test_moment_pair_matmul, _test_update_products,
+                                   _test_kept_part],
                          ids=lambda f: f.__name__[6:])
 def test_ops_cpu_on_lower_instruction_sets(ext, check, level, monkeypatch):
     """The CPU row loops are compiled for AVX-512 (level 4), AVX2 (3) and baseline x86-64 (0), and
@@ -496,10 +537,12 @@ def test_required_extension_raises_on_build_failure(monkeypatch):
 
 
 def wrong_update(ext):
-    """adamw_update_ that moves the parameter 1e-3 too far: a kernel that builds and runs, wrongly."""
+    """adamw_update_products_ (the op that moves a sketched matrix on the CPU) that moves the
+    parameter 1e-3 too far: a kernel that builds and runs, wrongly."""
     def update(P, *args):
-        ext.adamw_update_(P, *args)
+        products = ext.adamw_update_products_(P, *args)
         P.add_(1e-3)
+        return products
     return update
 
 
@@ -513,7 +556,7 @@ def test_a_fused_step_that_differs_from_pure_falls_back_with_one_warning(ext, mo
     (mlorc.extension_problem); when it differs or fails, the device gets the pure path, bitwise."""
     pure = train(mlorc.MLorc_AdamW, "0", "cpu", steps=3)
     replaced = wrong_update(ext) if broken == "wrong" else cannot_launch
-    monkeypatch.setattr(torch.ops, "mlorc", OpsWith(ext, adamw_update_=replaced))
+    monkeypatch.setattr(torch.ops, "mlorc", OpsWith(ext, adamw_update_products_=replaced))
     monkeypatch.setattr(mlorc, "_extension", {"loaded": True})
     with pytest.warns(UserWarning, match="fused step on cpu does not reproduce pure PyTorch: MLorc_AdamW"):
         fallen_back = train(mlorc.MLorc_AdamW, "", "cpu", steps=3)
@@ -530,7 +573,7 @@ def test_the_check_passes_a_correct_extension_and_uses_it(ext, monkeypatch):
 
     def counted(*args):
         calls.append(1)
-        return ext.adamw_update_(*args)
+        return ext.adamw_update_products_(*args)
 
     monkeypatch.setattr(mlorc, "_extension", {"loaded": True})
     precision = torch.get_float32_matmul_precision()
@@ -540,7 +583,7 @@ def test_the_check_passes_a_correct_extension_and_uses_it(ext, monkeypatch):
         assert torch.get_float32_matmul_precision() == "medium"      # and restores the user's
     finally:
         torch.set_float32_matmul_precision(precision)
-    monkeypatch.setattr(torch.ops, "mlorc", OpsWith(ext, adamw_update_=counted))
+    monkeypatch.setattr(torch.ops, "mlorc", OpsWith(ext, adamw_update_products_=counted))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         train(mlorc.MLorc_AdamW, "1", "cpu", steps=2)
@@ -550,7 +593,7 @@ def test_the_check_passes_a_correct_extension_and_uses_it(ext, monkeypatch):
 
 
 def test_a_required_extension_that_differs_from_pure_raises_before_any_change(ext, monkeypatch):
-    monkeypatch.setattr(torch.ops, "mlorc", OpsWith(ext, adamw_update_=wrong_update(ext)))
+    monkeypatch.setattr(torch.ops, "mlorc", OpsWith(ext, adamw_update_products_=wrong_update(ext)))
     monkeypatch.setattr(mlorc, "_extension", {"loaded": True})
     monkeypatch.setenv("MLORC_EXTENSION", "1")
     p, v = torch.ones(30, 20, requires_grad=True), torch.ones(5, requires_grad=True)
