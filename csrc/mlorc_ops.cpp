@@ -166,8 +166,12 @@ struct Factors {
   }
 };
 
-// Vh (r, n) with zero columns added up to round_up16(n), for Factors
-at::Tensor padded(const at::Tensor& Vh) { return padded_copy(Vh, Vh.size(0), round_up16(Vh.size(1))); }
+// Vh (r, n) with zero columns added up to round_up16(n), for Factors: Vh itself where n is a multiple
+// of 16 already (the factors come contiguous: check_factors), as for most layers' widths
+at::Tensor padded(const at::Tensor& Vh) {
+  if (Vh.size(1) % kLanes == 0 && Vh.is_contiguous()) return Vh;
+  return padded_copy(Vh, Vh.size(0), round_up16(Vh.size(1)));
+}
 
 // The new moment A = beta * old + (1 - beta) * g (g * g when squared, old entries below 0 replaced by
 // shift when repair), one vector of one row at a time, held in registers: no row buffer is written
