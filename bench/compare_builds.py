@@ -9,7 +9,9 @@ checkout's csrc/ is compiled a second time with its operators registered as torc
 and the steps alternate between two optimizers over the same parameters, each step with
 torch.ops.mlorc pointing at its own build. Both use this checkout's mlorc.py, so the other build's
 operators must take the same arguments as this one's. Printed: the median step, the time per step
-spent in [M4]'s products (FusedMoments @ X), and the ratios.
+spent in [M4]'s products through FusedMoments @ X (the first ones and the power iterations'; since
+6cd3452 the last ones, A^T Q, come from each FusedStep's finish, for MLorc_AdamW from its update
+pass, and are not counted there), and the ratios.
 """
 import argparse
 import os
