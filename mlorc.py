@@ -1432,14 +1432,15 @@ def adamw_fused(opt, p, g, state, group, step):
     shift = torch.ops.mlorc.negative_mean(*v_old)                                       # [M2]
     scalars = (b1, b2, group["lr"], group["weight_decay"], group["eps"], 1 - b1 ** step, 1 - b2 ** step,
                adam_ratio_bound(step, b1, b2))      # the kernel clamps m / (sqrt(v) + eps'): C_t
-    scalars += fused_outside_args(G, m_old, group, b1 - b1 ** step)  # adds w (g - kept) to m
+    outside = (G, m_old, group, b1 - b1 ** step)    # fused_outside_args: adds w (g - kept) to m
     if through_products(opt, p, group):
-        def finish(Q):
-            return torch.ops.mlorc.adamw_update_products_(P, G, *m_old, *v_old, shift, *Q, *scalars)
+        def finish(Q):         # the kept part formed here: a batch's kept parts are never held at once
+            return torch.ops.mlorc.adamw_update_products_(P, G, *m_old, *v_old, shift, *Q, *scalars,
+                                                          *fused_outside_args(*outside))
         return {opt.moments: FusedStep([NewMoment(G, m_old, b1), NewMoment(G, v_old, b2, True, shift)],
                                        finish)}
     m, v = torch.empty(rows, cols, device=p.device), torch.empty(rows, cols, device=p.device)
-    torch.ops.mlorc.adamw_step_(P, G, *m_old, *v_old, shift, m, v, *scalars)
+    torch.ops.mlorc.adamw_step_(P, G, *m_old, *v_old, shift, m, v, *scalars, *fused_outside_args(*outside))
     return {"exp_avg": m.view(p.shape), "exp_avg_sq": v.view(p.shape)}
 
 
@@ -1463,14 +1464,14 @@ def lion_fused(opt, p, g, state, group, step):
     g = clip_by_norm(g, group["clip_threshold"])
     P, G, (m_old,) = p.view(rows, cols), g.view(rows, cols), old_factors(opt, state)
     scalars = (b1, b2, group["lr"], group["weight_decay"])
-    scalars += fused_outside_args(G, m_old, group, b1)               # adds w (g - kept) to the mix
+    outside = (G, m_old, group, b1)                 # fused_outside_args: adds w (g - kept) to the mix
     if through_products(opt, p, group):
-        def finish(Q):
-            torch.ops.mlorc.lion_update_(P, G, *m_old, *scalars)
+        def finish(Q):                              # the kept part formed here, as in adamw_fused
+            torch.ops.mlorc.lion_update_(P, G, *m_old, *scalars, *fused_outside_args(*outside))
             return [torch.ops.mlorc.moment_matmul(*m_old, G, b2, False, None, Q[0], True)]
         return {opt.moments: FusedStep([NewMoment(G, m_old, b2)], finish)}
     m = torch.empty(rows, cols, device=p.device)
-    torch.ops.mlorc.lion_step_(P, G, *m_old, m, *scalars)
+    torch.ops.mlorc.lion_step_(P, G, *m_old, m, *scalars, *fused_outside_args(*outside))
     return {"exp_avg": m.view(p.shape)}
 
 

@@ -494,6 +494,38 @@ def test_wide_sketches_write_the_second_moment_on_cpu(ext, cls, monkeypatch):
         assert (writes in ops.used) == (not products)
 
 
+@pytest.mark.parametrize("cls,update", [(mlorc.MLorc_AdamW, "adamw_update_products_"),
+                                        (mlorc.MLorc_Lion, "lion_update_")], ids=["AdamW", "Lion"])
+def test_each_kept_part_is_formed_just_before_its_pass(ext, cls, update, monkeypatch):
+    """Where [M4] reaches the new moments through products, a batch's parameters move after [M4]'s
+    first products; each one's kept part (full_weight_outside: 2r (m + n) floats) is formed just
+    before its own update pass, so a batch's kept parts are never all held at once."""
+    assert mlorc.extension_ready(torch.device("cpu"))     # its check's calls are not recorded
+    calls = []
+
+    class Recorded:
+        def __getattr__(self, name):
+            op = getattr(ext, name)
+
+            def call(*args):
+                calls.append(name)
+                return op(*args)
+            return call
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(60, 40, generator=gen).requires_grad_() for _ in range(3)]   # one batch
+    opt = cls(params, rank=3)
+    for step in range(2):                                  # the first step has no kept part yet
+        calls.clear()
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        monkeypatch.setattr(torch.ops, "mlorc", Recorded())
+        opt.step()
+        monkeypatch.setattr(torch.ops, "mlorc", ext)
+    passes = [name for name in calls if name in ("kept_part", update)]
+    assert passes == ["kept_part", update] * 3
+
+
 def test_bf16_parameters_take_the_python_path(ext):
     """The fused ops cover fp32 parameters; bf16 ones (stochastic rounding) run the Python rules,
     so the result is the pure path's, bitwise."""
