@@ -55,10 +55,11 @@ void negative_rows(const Factors& v, int64_t begin, int64_t end, float* w, doubl
 }
 
 // One row of MLorc_AdamW's pass: adamw_update at each entry, the new moments written to m and v, the
-// second alone where m is null, neither where v is. A function of its own with restrict parameters (no two rows overlap), not
-// inlined: inlined into adamw_rows, GCC left the loop that writes the moments unvectorized (restrict
-// on local pointers did not reach it), and adamw_step_'s pass took 1.7-2.3x as long, 6.5-7.6x with
-// full_weight_outside's kept part (one 8000 x 512 matrix, AVX-512, two threads; BENCHMARKS.md)
+// second alone where m is null, neither where v is. A function of its own with restrict parameters
+// (no two rows overlap), not inlined: inlined into adamw_rows, GCC left the loop that writes the
+// moments unvectorized (restrict on local pointers did not reach it), and adamw_step_'s pass took
+// 1.7-2.3x as long, 6.5-7.6x with full_weight_outside's kept part (one 8000 x 512 matrix, AVX-512,
+// two threads; BENCHMARKS.md)
 __attribute__((noinline)) void adamw_row(const AdamWArgs args, int64_t cols, float* __restrict p,
                                          const float* __restrict g, const float* __restrict m_row,
                                          const float* __restrict v_row, const float* __restrict k_row,
