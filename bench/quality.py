@@ -24,7 +24,8 @@ right factors), or a diagnostic that tells which moment's compression costs what
 "+densem" (v, or m, kept dense; the other compressed) and "+accm" / "+accv" (m's, or v's, sketch
 made accurate, p4q1; the other's as configured), or "+keepnorm" (m's factors rescaled to m_t's
 norm), or "+resid" (g outside the column space of m~, or the row space for tall matrices, weighted 1,
-not 1 - b1, in the direction: the one-sided form of full_weight_outside). MLorc_AdamW's own option:
+not 1 - b1, in the direction: the one-sided form of full_weight_outside), or "+coreout" (g outside
+m~'s r x r core at weight 1: full_weight_outside with both cross parts). MLorc_AdamW's own option:
 "+outside" (full_weight_outside=True, the default since it was measured here) and "+ema" (False,
 the direction from the EMA m_t alone, as before). "+lion" runs MLorc_Lion with the EMA alone,
 "+lionoutside" with the same full weight outside m~'s spaces (its default since it was measured
@@ -294,6 +295,25 @@ class CAMEOutside(mlorc.MLorc_CAME):
         return mlorc.came_factored_rsqrt(new["exp_avg_res_row"], new["exp_avg_res_col"]) * used, lr, new
 
 
+class OutsideCore(mlorc.MLorc_AdamW):
+    """Candidate form of full_weight_outside: the part of g outside m~'s r x r core, g - U U^T g
+    Vh^T Vh, enters m_hat at weight 1, where the default takes the part outside both of m~'s spaces,
+    (1 - U U^T) g (1 - Vh^T Vh). m~ = U diag(s) Vh has no entry in the two cross parts either
+    (U U^T g (1 - Vh^T Vh) and its transpose), so they too count 1 - b1 in m_t. The kept part is
+    then U (U^T g Vh^T) Vh, rank r where the default's is rank 2r, and folds into m~'s factors:
+    b1 m~ - w kept = U (b1 diag(s) - w U^T g Vh^T) Vh. None where m's factors span a side (full
+    rank: nothing outside). Pure PyTorch, every path (it only replaces _outside)."""
+
+    def _outside(self, g, state, group):
+        if not group["full_weight_outside"] or "exp_avg_U" not in state:
+            return None
+        U, Vh = state["exp_avg_U"], state["exp_avg_Vh"]
+        G = g.reshape(g.shape[0], -1)
+        if mlorc.spans_a_side(U, *G.shape):
+            return None
+        return (G - U @ ((U.mT @ G) @ Vh.mT) @ Vh).view_as(g)
+
+
 OPTIONS = {        # "+name" suffixes of a configuration -> (class, extra keyword arguments)
     "factoredv": (FactoredSecondMoment, {}),
     "warm": (WarmStartSketch, {}),
@@ -303,6 +323,7 @@ OPTIONS = {        # "+name" suffixes of a configuration -> (class, extra keywor
     "accv": (AccurateSketchOfV, {}),
     "keepnorm": (NormKeepingSketch, {}),
     "resid": (ResidualGradient, {}),
+    "coreout": (OutsideCore, {}),
     "outside": (mlorc.MLorc_AdamW, {"full_weight_outside": True}),       # the default now
     "ema": (mlorc.MLorc_AdamW, {"full_weight_outside": False}),          # the rule before it
     "lion": (mlorc.MLorc_Lion, {"full_weight_outside": False}),           # as measured, before it
