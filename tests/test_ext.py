@@ -27,14 +27,19 @@ pytestmark = pytest.mark.filterwarnings("ignore:mlorc. the C..")
 
 class OpsWith:
     """torch.ops.mlorc with some operators replaced (mlorc.py looks them up on every call); `used`
-    names the operators looked up."""
+    lists the operators called, in order (recorded at the call: Python looks an operator up before
+    it evaluates the arguments, which may call others)."""
 
     def __init__(self, ops, **replaced):
-        self.ops, self.replaced, self.used = ops, replaced, set()
+        self.ops, self.replaced, self.used = ops, replaced, []
 
     def __getattr__(self, name):
-        self.used.add(name)
-        return self.replaced.get(name) or getattr(self.ops, name)
+        op = self.replaced.get(name) or getattr(self.ops, name)
+
+        def call(*args):
+            self.used.append(name)
+            return op(*args)
+        return call
 
 
 @pytest.fixture(scope="module")
@@ -501,28 +506,17 @@ def test_each_kept_part_is_formed_just_before_its_pass(ext, cls, update, monkeyp
     first products; each one's kept part (full_weight_outside: 2r (m + n) floats) is formed just
     before its own update pass, so a batch's kept parts are never all held at once."""
     assert mlorc.extension_ready(torch.device("cpu"))     # its check's calls are not recorded
-    calls = []
-
-    class Recorded:
-        def __getattr__(self, name):
-            op = getattr(ext, name)
-
-            def call(*args):
-                calls.append(name)
-                return op(*args)
-            return call
-
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(60, 40, generator=gen).requires_grad_() for _ in range(3)]   # one batch
     opt = cls(params, rank=3)
     for step in range(2):                                  # the first step has no kept part yet
-        calls.clear()
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen)
-        monkeypatch.setattr(torch.ops, "mlorc", Recorded())
+        ops = OpsWith(ext)
+        monkeypatch.setattr(torch.ops, "mlorc", ops)
         opt.step()
         monkeypatch.setattr(torch.ops, "mlorc", ext)
-    passes = [name for name in calls if name in ("kept_part", update)]
+    passes = [name for name in ops.used if name in ("kept_part", update)]
     assert passes == ["kept_part", update] * 3
 
 
