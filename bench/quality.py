@@ -302,7 +302,7 @@ class OutsideCore(mlorc.MLorc_AdamW):
     (U U^T g (1 - Vh^T Vh) and its transpose), so they too count 1 - b1 in m_t. The kept part is
     then U (U^T g Vh^T) Vh, rank r where the default's is rank 2r, and folds into m~'s factors:
     b1 m~ - w kept = U (b1 diag(s) - w U^T g Vh^T) Vh. None where m's factors span a side (full
-    rank: nothing outside). Pure PyTorch, every path (it only replaces _outside)."""
+    rank: nothing outside). Pure PyTorch: the plain and batched steps (it only replaces _outside)."""
 
     def _outside(self, g, state, group):
         if not group["full_weight_outside"] or "exp_avg_U" not in state:
