@@ -3,6 +3,7 @@
     python bench/step.py                          # CPU-sized LLaMA shapes on the CPU
     python bench/step.py --preset tinyllama --device cuda
     python bench/step.py --only "torch,r=4 ext" --profile "MLorc_AdamW r=4 ext"   # where its time goes
+    python bench/step.py --preset tinyllama --layers 8 --only "torch,ext" --by-shape   # CPU, 483M
 
 Each optimizer gets the same parameters and the same fixed random gradients, and keeps its state
 for the whole run. The first steps (lazy state init, warm-up) are not timed; the timed steps take
@@ -27,6 +28,11 @@ import time
 
 import torch
 
+try:
+    import resource
+except ImportError:                                  # not a Unix: no page-fault counts
+    resource = None
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import mlorc  # noqa: E402
 
@@ -47,17 +53,21 @@ def llama_shapes(hidden, intermediate, layers, kv, vocab):
 
 def keep_freed_memory():
     """Have glibc keep freed memory for the process's later allocations: no trimming of the heap's
-    free top (M_TRIM_THRESHOLD at its largest) and no large block served by a mapping of its own
-    (M_MMAP_MAX 0), which is unmapped when freed. Otherwise an optimizer whose step allocates large
-    temporaries (torch AdamW foreach: sqrt(v) and the quotient, 4.75 x the largest matrix) pays page
-    faults for all of them at every step, or not, depending on what the process ran before: the
-    same step took 24-35 ms or 50-60 ms. Returns how the allocator was left, for the header line."""
+    free top (M_TRIM_THRESHOLD -1, which mallopt(3) documents as "disables trimming completely"; its
+    largest int, 2**31 - 1, still let glibc hand back a free top over 2 GiB: TinyLlama's shapes with
+    16 layers, where AdamW's temporaries are 3.3 GB, took 525,794 page faults a step and 2.1-2.7 s
+    instead of 1.4) and no large block served by a mapping of its own (M_MMAP_MAX 0), which is
+    unmapped when freed. Otherwise an optimizer whose step allocates large temporaries (torch AdamW
+    foreach: sqrt(v) and the quotient, 4.75 x the largest matrix) pays page faults for all of them at
+    every step, or not, depending on what the process ran before: the same step took 24-35 ms or
+    50-60 ms. The table's last lines give the faults of a timed step. Returns how the allocator was
+    left, for the header line."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:                                  # not Linux with glibc: nothing to tell
         return "allocator as is"
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4            # glibc's malloc.h
-    if libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1 and libc.mallopt(M_MMAP_MAX, 0) == 1:
+    if libc.mallopt(M_TRIM_THRESHOLD, -1) == 1 and libc.mallopt(M_MMAP_MAX, 0) == 1:
         return "glibc keeps freed memory"
     return "allocator as is (mallopt refused)"
 
@@ -124,6 +134,7 @@ def make_optimizers(device, rank, sketches):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=PRESETS, default="cpu")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the preset's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--rank", type=int, default=4)
@@ -135,13 +146,16 @@ def main():
     parser.add_argument("--only", default="", help="comma-separated substrings of optimizer names")
     parser.add_argument("--profile", default="", help="an optimizer's name: also print where its step's "
                         "time goes (torch.profiler, 3 steps)")
+    parser.add_argument("--by-shape", action="store_true", help="also time each matrix shape alone "
+                        "(by_shape): where the ratio to AdamW comes from")
     parser.add_argument("--malloc", choices=["keep", "default"], default="keep",
                         help="keep: the C library keeps freed memory (keep_freed_memory); default: as it is")
     args = parser.parse_args()
     allocator = keep_freed_memory() if args.malloc == "keep" else "allocator as is"
 
     dtype = getattr(torch, args.dtype)
-    shapes = llama_shapes(**PRESETS[args.preset])
+    preset = dict(PRESETS[args.preset], **({} if args.layers is None else {"layers": args.layers}))
+    shapes = llama_shapes(**preset)
     gen = torch.Generator(device=args.device).manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen, device=args.device, dtype=dtype) * 0.02)
               for s in shapes]
@@ -149,31 +163,16 @@ def main():
         p.grad = torch.randn(p.shape, generator=gen, device=args.device, dtype=dtype) * 1e-3
     n_params = sum(p.numel() for p in params)
     cuda = args.device.startswith("cuda")
-    print(f"preset {args.preset}: {len(shapes)} tensors, {n_params / 1e6:.1f}M parameters, {args.dtype}, "
+    layers = f", {preset['layers']} layers" if args.layers is not None else ""
+    print(f"preset {args.preset}{layers}: {len(shapes)} tensors, {n_params / 1e6:.1f}M parameters, {args.dtype}, "
           f"device {torch.cuda.get_device_name() if cuda else args.device}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, {allocator}")
 
     # Every optimizer keeps its state for the whole run, and the timed steps go round-robin: one
     # step of each in turn, so a slow patch of a shared machine slows all of them alike.
-    runs = []
-    for name, (make, extension) in make_optimizers(args.device, args.rank, args.sketches).items():
-        if args.only and not any(s in name for s in args.only.split(",")):
-            continue
-        os.environ["MLORC_EXTENSION"] = extension
-        if extension == "1":
-            mlorc.load_extension()                     # build (or load the cached build) untimed
-        runs.append(dict(name=name, extension=extension, opt=make(params), times=[]))
-    for i in range(args.warmup + args.steps):
-        for run in runs:
-            os.environ["MLORC_EXTENSION"] = run["extension"]
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            run["opt"].step()
-            if cuda:
-                torch.cuda.synchronize()
-            if i >= args.warmup:
-                run["times"].append(time.perf_counter() - start)
+    chosen = {name: row for name, row in make_optimizers(args.device, args.rank, args.sketches).items()
+              if not args.only or any(s in name for s in args.only.split(","))}
+    runs = timed_rounds(chosen, params, args.warmup, args.steps, cuda)
     rows = []
     for run in runs:
         os.environ["MLORC_EXTENSION"] = run["extension"]
@@ -188,11 +187,67 @@ def main():
               f"{peak_text:>16}")
     print(f"(step peak extra: bytes the step allocates and holds at once, beyond parameters, gradients "
           f"and state, in units of the largest matrix in fp32, {largest / 2**20:.0f} MiB)")
+    print("(minor page faults a timed step, median: " + ", ".join(
+        f"{run['name']} {statistics.median(run['faults']):.0f}" for run in runs) + ")")
     print(thin_product_rate(params, args.rank + 4, cuda))
+    if args.by_shape:
+        print(by_shape(chosen, params, args.warmup, args.steps, cuda))
     for run in runs:
         if run["name"] == args.profile:
             os.environ["MLORC_EXTENSION"] = run["extension"]
             print(f"\n{run['name']}: 3 steps under torch.profiler\n" + step_profile(run["opt"], cuda))
+
+
+def timed_rounds(chosen, params, warmup, steps, cuda):
+    """[{name, extension, opt, times, faults}] for each optimizer of `chosen` (name -> (constructor,
+    MLORC_EXTENSION value)) over params, after warmup + steps rounds of one step each in turn: the
+    last `steps` timed (seconds) and their page faults counted."""
+    runs = []
+    for name, (make, extension) in chosen.items():
+        os.environ["MLORC_EXTENSION"] = extension
+        if extension == "1":
+            mlorc.load_extension()                     # build (or load the cached build) untimed
+        runs.append(dict(name=name, extension=extension, opt=make(params), times=[], faults=[]))
+    for i in range(warmup + steps):
+        for run in runs:
+            os.environ["MLORC_EXTENSION"] = run["extension"]
+            if cuda:
+                torch.cuda.synchronize()
+            faults, start = page_faults(), time.perf_counter()
+            run["opt"].step()
+            if cuda:
+                torch.cuda.synchronize()
+            if i >= warmup:
+                run["times"].append(time.perf_counter() - start)
+                run["faults"].append(page_faults() - faults)
+    return runs
+
+
+def page_faults():
+    """The process's minor page faults so far (0 where the platform does not count them): a timed
+    step that faults in fresh pages for its temporaries pays for that, which keep_freed_memory is
+    there to avoid."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
+
+
+def by_shape(chosen, params, warmup, steps, cuda):
+    """The step of each optimizer over the matrices of one shape at a time (new optimizers, the
+    same rounds), in ns per entry: a step has costs per matrix (its Python, its operators' calls,
+    a small matrix's passes on one thread) as well as per entry, and the ratio to AdamW follows
+    the size of the matrices."""
+    shapes = {}
+    for p in params:
+        if p.ndim == 2:
+            shapes.setdefault(tuple(p.shape), []).append(p)
+    names = list(chosen)
+    lines = [f"\nby shape: median step in ms (ns per entry), ratio to {names[0]}",
+             f"{'shape':<14} {'count':>5} " + " ".join(f"{name:>30}" for name in names)]
+    for shape, group in shapes.items():
+        entries = sum(p.numel() for p in group)
+        medians = [statistics.median(run["times"]) for run in timed_rounds(chosen, group, warmup, steps, cuda)]
+        cells = [f"{t * 1e3:.2f} ({t * 1e9 / entries:.2f}) {t / medians[0]:.2f}x" for t in medians]
+        lines.append(f"{'x'.join(map(str, shape)):<14} {len(group):>5} " + " ".join(f"{c:>30}" for c in cells))
+    return "\n".join(lines)
 
 
 def step_profile(opt, cuda, steps=3):
