@@ -163,7 +163,7 @@ def main():
         p.grad = torch.randn(p.shape, generator=gen, device=args.device, dtype=dtype) * 1e-3
     n_params = sum(p.numel() for p in params)
     cuda = args.device.startswith("cuda")
-    layers = f", {preset['layers']} layers" if args.layers is not None else ""
+    layers = f", layers={preset['layers']}" if args.layers is not None else ""
     print(f"preset {args.preset}{layers}: {len(shapes)} tensors, {n_params / 1e6:.1f}M parameters, {args.dtype}, "
           f"device {torch.cuda.get_device_name() if cuda else args.device}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, {allocator}")

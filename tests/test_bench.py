@@ -61,7 +61,7 @@ def test_by_shape_times_each_matrix_shape_of_the_preset():
                           "--warmup", "1", "--only", "torch,MLorc_Lion r=4 pure", "--by-shape"],
                          capture_output=True, text=True, check=True,
                          env=dict(os.environ, MLORC_EXTENSION="0")).stdout
-    assert "preset cpu, 1 layers: 12 tensors" in out
+    assert "preset cpu, layers=1: 12 tensors" in out
     table = out[out.index("by shape:"):].splitlines()[2:]
     rows = {line.split()[0]: line.split() for line in table if line.strip()}
     assert set(rows) == {"8000x512", "512x512", "128x512", "1408x512", "512x1408"}
