@@ -72,17 +72,39 @@ def keep_freed_memory():
     return "allocator as is (mallopt refused)"
 
 
-def alternating_medians(optimizers, warmup, steps):
-    """{name: median step in ms} of optimizers that take turns, one step each per round, so the noise
-    of a shared machine falls on all of them alike; the first `warmup` rounds are not timed."""
-    times = {name: [] for name in optimizers}
+def alternating_rounds(optimizers, warmup, steps, cuda=False, before=None):
+    """{name: (times, faults)} of optimizers that take turns, one step each per round, so the noise
+    of a shared machine falls on all of them alike: the seconds of each timed step (the first
+    `warmup` rounds are not timed) and its minor page faults. before(name), if given, runs untimed
+    before each step."""
+    record = {name: ([], []) for name in optimizers}
     for i in range(warmup + steps):
         for name, optimizer in optimizers.items():
-            start = time.perf_counter()
+            if before is not None:
+                before(name)
+            if cuda:
+                torch.cuda.synchronize()
+            faults, start = page_faults(), time.perf_counter()
             optimizer.step()
+            if cuda:
+                torch.cuda.synchronize()
             if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+                record[name][0].append(time.perf_counter() - start)
+                record[name][1].append(page_faults() - faults)
+    return record
+
+
+def alternating_medians(optimizers, warmup, steps):
+    """{name: median step in ms} of optimizers that take turns (alternating_rounds)."""
+    return {name: statistics.median(times) * 1e3
+            for name, (times, _) in alternating_rounds(optimizers, warmup, steps).items()}
+
+
+def page_faults():
+    """The process's minor page faults so far (0 where the platform does not count them): a timed
+    step that faults in fresh pages for its temporaries pays for that, which keep_freed_memory is
+    there to avoid."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
 
 
 def step_peak(opt, cuda):
@@ -154,7 +176,9 @@ def main():
     allocator = keep_freed_memory() if args.malloc == "keep" else "allocator as is"
 
     dtype = getattr(torch, args.dtype)
-    preset = dict(PRESETS[args.preset], **({} if args.layers is None else {"layers": args.layers}))
+    preset = dict(PRESETS[args.preset])
+    if args.layers is not None:
+        preset["layers"] = args.layers
     shapes = llama_shapes(**preset)
     gen = torch.Generator(device=args.device).manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen, device=args.device, dtype=dtype) * 0.02)
@@ -200,34 +224,21 @@ def main():
 
 def timed_rounds(chosen, params, warmup, steps, cuda):
     """[{name, extension, opt, times, faults}] for each optimizer of `chosen` (name -> (constructor,
-    MLORC_EXTENSION value)) over params, after warmup + steps rounds of one step each in turn: the
-    last `steps` timed (seconds) and their page faults counted."""
-    runs = []
+    MLORC_EXTENSION value)) over params, after alternating_rounds with each optimizer's
+    MLORC_EXTENSION set before its steps."""
+    optimizers = {}
     for name, (make, extension) in chosen.items():
         os.environ["MLORC_EXTENSION"] = extension
         if extension == "1":
             mlorc.load_extension()                     # build (or load the cached build) untimed
-        runs.append(dict(name=name, extension=extension, opt=make(params), times=[], faults=[]))
-    for i in range(warmup + steps):
-        for run in runs:
-            os.environ["MLORC_EXTENSION"] = run["extension"]
-            if cuda:
-                torch.cuda.synchronize()
-            faults, start = page_faults(), time.perf_counter()
-            run["opt"].step()
-            if cuda:
-                torch.cuda.synchronize()
-            if i >= warmup:
-                run["times"].append(time.perf_counter() - start)
-                run["faults"].append(page_faults() - faults)
-    return runs
+        optimizers[name] = make(params)
 
+    def set_extension(name):
+        os.environ["MLORC_EXTENSION"] = chosen[name][1]
 
-def page_faults():
-    """The process's minor page faults so far (0 where the platform does not count them): a timed
-    step that faults in fresh pages for its temporaries pays for that, which keep_freed_memory is
-    there to avoid."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
+    record = alternating_rounds(optimizers, warmup, steps, cuda, before=set_extension)
+    return [dict(name=name, extension=chosen[name][1], opt=optimizers[name], times=times, faults=faults)
+            for name, (times, faults) in record.items()]
 
 
 def by_shape(chosen, params, warmup, steps, cuda):
